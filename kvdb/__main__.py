@@ -1,0 +1,3 @@
+from kvdb.cli import main
+
+main()

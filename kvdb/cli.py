@@ -1,0 +1,295 @@
+"""The `kvdb` command line: click commands that parse options, call the library and print text or JSON.
+
+Library errors (``KvdbError``) become one-line click errors in one place, ``KvdbGroup.invoke``; nothing else here
+catches exceptions. ``--debug`` (or ``KVDB_DEBUG=1``) lets the traceback through.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import click
+
+from kvdb import __version__
+from kvdb.errors import KvdbError, ValidationError
+from kvdb.runtime import Runtime
+
+
+class KvdbClickError(click.ClickException):
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _debug(ctx: click.Context) -> bool:
+    root = ctx.find_root()
+    return bool(root.params.get("debug")) or os.environ.get("KVDB_DEBUG") == "1"
+
+
+class KvdbGroup(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except KvdbError as exc:
+            if _debug(ctx):
+                raise
+            raise KvdbClickError(str(exc), exc.exit_code) from None
+        except KeyboardInterrupt:
+            raise click.exceptions.Abort() from None
+        except Exception as exc:  # an unexpected failure still ends in one sentence unless --debug
+            if _debug(ctx):
+                raise
+            raise KvdbClickError(
+                f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)"
+            ) from None
+
+
+def emit_json(value: Any, indent: int | None = 2) -> None:
+    click.echo(json.dumps(value, ensure_ascii=False, indent=indent))
+
+
+def _rt(ctx: click.Context) -> Runtime:
+    return ctx.find_root().obj
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+
+
+@click.group(cls=KvdbGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--home", envvar="KVDB_HOME", type=click.Path(file_okay=False), default=None,
+              help="Runtime root holding the store, index, caches and checkpoints [env KVDB_HOME; default ./var].")
+@click.option("--config", "config_path", envvar="KVDB_CONFIG", type=click.Path(dir_okay=False), default=None,
+              help="YAML config [env KVDB_CONFIG; default configs/default.yaml].")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.version_option(__version__, prog_name="kvdb")
+@click.pass_context
+def cli(ctx: click.Context, home: str | None, config_path: str | None, debug: bool) -> None:
+    """kvdb: an embedded knowledge database that makes an LLM answer knowledge questions faster, with the same
+    output."""
+    ctx.obj = Runtime.open(home, config_path)
+
+
+# -- store ----------------------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--examples", is_flag=True, help="Also load the default knowledge set (70 pairs, 7 domains).")
+@json_option
+@click.pass_context
+def init(ctx: click.Context, examples: bool, as_json: bool) -> None:
+    """Create (or check) the home and its store; optionally load the default knowledge set."""
+    rt = _rt(ctx)
+    store = rt.store
+    result: dict[str, Any] = {"home": str(rt.home.root), "database": store.where, "revision": store.head_revision()}
+    if examples:
+        from kvdb.examples import load_examples
+
+        result["examples"] = load_examples(store, rt.config.store).as_dict()
+    if as_json:
+        emit_json(result)
+        return
+    click.echo(f"kvdb home {result['home']} ready (schema {result['revision']})")
+    if examples:
+        ex = result["examples"]
+        click.echo(f"default knowledge set: added {ex['added']}, skipped {ex['skipped']} already stored")
+
+
+def _parse_meta(values: tuple[str, ...]) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValidationError(f"--meta {item!r} is not key=value")
+        try:
+            meta[key.strip()] = json.loads(raw)  # numbers, booleans, lists and objects keep their type
+        except json.JSONDecodeError:
+            meta[key.strip()] = raw
+    return meta
+
+
+@cli.command()
+@click.option("--domain", "-d", help="Domain of the pair (for --file: the default for lines without one).")
+@click.option("--question", "-q", help="The question.")
+@click.option("--answer", "-a", help="The answer.")
+@click.option("--meta", "-m", multiple=True, metavar="KEY=VALUE", help="Metadata; repeatable; VALUE may be JSON.")
+@click.option("--file", "-f", "path", metavar="FILE", help="JSONL or CSV file of pairs, or - for stdin.")
+@click.option("--replace", is_flag=True, help="Allow a new answer to replace a stored question's answer.")
+@json_option
+@click.pass_context
+def add(ctx, domain, question, answer, meta, path, replace, as_json) -> None:
+    """Add one pair (-d -q -a) or a JSONL/CSV file of pairs (--file), all or nothing."""
+    from kvdb.store.ingest import read_pairs
+    from kvdb.store.pairs import PairInput, add_pairs
+
+    rt = _rt(ctx)
+    limits = rt.config.store
+    if path is not None:
+        if question is not None or answer is not None or meta:
+            raise click.UsageError("give either --file or -q/-a/--meta, not both")
+        items = read_pairs(path, domain, limits)
+    else:
+        if question is None or answer is None or domain is None:
+            raise click.UsageError("give --domain, --question and --answer (or --file)")
+        items = [PairInput(domain=domain, question=question, answer=answer, metadata=_parse_meta(meta))]
+    report = add_pairs(rt.store, items, limits, replace=replace)
+    if as_json:
+        emit_json({**report.as_dict(), "hashes": report.hashes})
+        return
+    if path is None:
+        click.echo(report.hashes[0])
+    click.echo(f"added {report.added}, skipped {report.skipped} already stored, replaced {report.replaced}")
+
+
+def _one_line(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+@cli.command(name="list")
+@click.option("--domain", "-d", help="Only this domain.")
+@json_option
+@click.pass_context
+def list_(ctx, domain, as_json) -> None:
+    """List pairs (all of them; --json prints a JSON array)."""
+    from kvdb.store.pairs import list_pairs, pair_dict
+
+    rt = _rt(ctx)
+    with rt.store.read() as session:
+        rows = [pair_dict(p) for p in list_pairs(session, domain)]
+    if as_json:
+        emit_json(rows)
+        return
+    for row in rows:
+        click.echo(f"{row['hash'][:12]}  {row['domain']:<10} {_one_line(row['question'], 90)}")
+    click.echo(f"{len(rows)} pair(s)", err=True)
+
+
+@cli.command()
+@click.argument("hash_prefix")
+@json_option
+@click.pass_context
+def show(ctx, hash_prefix, as_json) -> None:
+    """Show one pair by its hash (a unique prefix is enough)."""
+    from kvdb.store.pairs import find_pair, pair_dict
+
+    with _rt(ctx).store.read() as session:
+        row = pair_dict(find_pair(session, hash_prefix))
+    if as_json:
+        emit_json(row)
+        return
+    click.echo(f"hash:     {row['hash']}\ndomain:   {row['domain']}\nquestion: {row['question']}\n"
+               f"answer:   {row['answer']}")
+    if row["metadata"]:
+        click.echo(f"metadata: {json.dumps(row['metadata'], ensure_ascii=False)}")
+    click.echo(f"added:    {row['created_at']}")
+
+
+@cli.command()
+@click.argument("hash_prefixes", nargs=-1)
+@click.option("--domain", "-d", help="Remove every pair of this domain, and the domain.")
+@json_option
+@click.pass_context
+def remove(ctx, hash_prefixes, domain, as_json) -> None:
+    """Remove pairs by hash (prefixes) or a whole domain; all named pairs must exist or none is removed."""
+    from kvdb.store.pairs import remove_domain, remove_pairs
+
+    if bool(hash_prefixes) == bool(domain):
+        raise click.UsageError("give one or more hashes, or --domain, but not both")
+    store = _rt(ctx).store
+    removed = remove_domain(store, domain) if domain else remove_pairs(store, hash_prefixes)
+    if as_json:
+        emit_json({"removed": len(removed), "hashes": removed})
+    else:
+        click.echo(f"removed {len(removed)} pair(s)")
+
+
+@cli.command()
+@json_option
+@click.pass_context
+def domains(ctx, as_json) -> None:
+    """List domains with their pair counts."""
+    from kvdb.store.pairs import domain_counts
+
+    with _rt(ctx).store.read() as session:
+        rows = domain_counts(session)
+    if as_json:
+        emit_json(rows)
+        return
+    for row in rows:
+        click.echo(f"{row['name']:<16} {row['count']:>6}  {row['description']}")
+
+
+@cli.command()
+@json_option
+@click.pass_context
+def stats(ctx, as_json) -> None:
+    """Counts of pairs, domains, built vectors and embeddings, and the store's size."""
+    from kvdb.store.stats import store_stats
+
+    rt = _rt(ctx)
+    result = store_stats(rt.store, rt.home)
+    if as_json:
+        emit_json(result)
+        return
+    click.echo(f"home:       {result['home']}")
+    click.echo(f"pairs:      {result['pairs']} in {result['domains']} domain(s)")
+    for model in result["models"]:
+        click.echo(f"vectors:    {model['pairs_built']} pair(s) built by {model['name']} "
+                   f"({model['fingerprint'][:12]}, {model['tokens']} tokens)")
+    for emb in result["embeddings"]:
+        click.echo(f"embeddings: {emb['count']} by {emb['embedder']}")
+    click.echo(f"database:   {result['database_bytes']} bytes, schema {result['schema_revision']}")
+
+
+# -- schema ---------------------------------------------------------------------------------------------------
+@cli.group(cls=KvdbGroup)
+def db() -> None:
+    """Schema migrations of the store (Alembic, run from code)."""
+
+
+@db.command()
+@click.argument("revision", default="head")
+@click.pass_context
+def upgrade(ctx, revision) -> None:
+    """Migrate the store to REVISION (default: the newest)."""
+    store = _rt(ctx).unmigrated_store()
+    before = store.current_revision()
+    store.upgrade(revision)
+    click.echo(f"schema {before or 'empty'} -> {store.current_revision()}")
+
+
+@db.command()
+@click.argument("revision")
+@click.pass_context
+def downgrade(ctx, revision) -> None:
+    """Migrate the store back to REVISION ('base' empties it); data in dropped tables is lost."""
+    store = _rt(ctx).unmigrated_store()
+    before = store.current_revision()
+    store.downgrade(revision)
+    click.echo(f"schema {before or 'empty'} -> {store.current_revision() or 'empty'}")
+
+
+@db.command()
+@json_option
+@click.pass_context
+def status(ctx, as_json) -> None:
+    """Show the store's schema revision and whether it is current."""
+    store = _rt(ctx).unmigrated_store()
+    current, head = store.current_revision(), store.head_revision()
+    result = {"database": store.where, "current": current, "head": head, "up_to_date": current == head}
+    if as_json:
+        emit_json(result)
+        return
+    state = "up to date" if current == head else "needs `kvdb db upgrade`"
+    click.echo(f"{store.where}: schema {current or 'empty'} (newest {head}), {state}")
+
+
+def main() -> None:
+    cli(prog_name="kvdb")
+
+
+if __name__ == "__main__":
+    main()
