@@ -1,0 +1,65 @@
+"""Shared fixtures: a temporary KVDB_HOME per test and a CliRunner bound to it."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from kvdb.cli import cli
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch):
+    for var in ("KVDB_HOME", "KVDB_CONFIG", "KVDB_DATABASE_URL", "KVDB_DEBUG"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def home(tmp_path) -> Path:
+    return tmp_path / "home"
+
+
+class Kvdb:
+    """Runs `kvdb --home HOME ...` in-process and checks the exit code."""
+
+    def __init__(self, home: Path, config: Path | None = None):
+        self.home = home
+        self.config = config
+        self.runner = CliRunner()
+
+    def __call__(self, *args: str, input: str | bytes | None = None, ok: bool = True):
+        base = ["--home", str(self.home)]
+        if self.config is not None:
+            base += ["--config", str(self.config)]
+        result = self.runner.invoke(cli, [*base, *args], input=input)
+        if ok and result.exit_code != 0:
+            raise AssertionError(f"kvdb {' '.join(args)} failed ({result.exit_code}): {result.output}")
+        if not ok:
+            assert result.exit_code != 0, f"kvdb {' '.join(args)} should have failed: {result.output}"
+        return result
+
+    def json(self, *args: str, input: str | None = None):
+        return json.loads(self(*args, "--json", input=input).stdout)
+
+    def count(self) -> int:
+        """Pairs in the store, read straight from SQLite (independent of the code under test)."""
+        db = self.home / "kvdb.sqlite"
+        if not db.exists():
+            return 0
+        with sqlite3.connect(db) as conn:
+            return conn.execute("select count(*) from pairs").fetchone()[0]
+
+
+@pytest.fixture
+def kv(home) -> Kvdb:
+    return Kvdb(home)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path

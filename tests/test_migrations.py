@@ -1,0 +1,63 @@
+"""Alembic from code: empty -> head, downgrade/upgrade round trip, refusal of an old store, models == migrations."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
+from kvdb.store.db import Store
+from kvdb.store.models import Base
+from tests.conftest import Kvdb
+
+
+def _tables(db) -> set[str]:
+    with sqlite3.connect(db) as conn:
+        return {r[0] for r in conn.execute("select name from sqlite_master where type='table'")}
+
+
+def test_new_home_is_created_and_migrated_on_first_use(kv: Kvdb):
+    assert not kv.home.exists()
+    assert kv.json("list") == []
+    assert {"pairs", "domains", "pair_vectors", "embeddings", "base_answers", "models"} <= _tables(kv.home / "kvdb.sqlite")
+    status = kv.json("db", "status")
+    assert status["current"] == status["head"] == "0002" and status["up_to_date"]
+
+
+def test_sqlite_pragmas(kv: Kvdb, home):
+    kv("init")
+    store = Store(f"sqlite:///{home}/kvdb.sqlite")
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 60000
+
+
+def test_downgrade_upgrade_round_trip_keeps_pairs(kv: Kvdb):
+    kv("add", "-d", "cs", "-q", "What is a tree?", "-a", "A connected acyclic graph.")
+    kv("db", "downgrade", "0001")
+    assert "pair_vectors" not in _tables(kv.home / "kvdb.sqlite")
+    res = kv("list", ok=False)
+    assert "run `kvdb db upgrade`" in res.stderr and "0001" in res.stderr
+    kv("db", "upgrade")
+    assert [r["question"] for r in kv.json("list")] == ["What is a tree?"]
+    kv("db", "downgrade", "base")
+    assert _tables(kv.home / "kvdb.sqlite") == {"alembic_version"}
+    kv("db", "upgrade")
+    assert kv.json("db", "status")["up_to_date"]
+
+
+def test_unknown_revision_is_refused(kv: Kvdb):
+    kv("init")
+    with sqlite3.connect(kv.home / "kvdb.sqlite") as conn:
+        conn.execute("update alembic_version set version_num='9999'")
+    assert "newer kvdb" in kv("list", ok=False).stderr
+
+
+def test_models_match_migrations(tmp_path):
+    store = Store(f"sqlite:///{tmp_path}/m.sqlite")
+    store.upgrade()
+    with store.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert diff == []
