@@ -244,6 +244,156 @@ def stats(ctx, as_json) -> None:
     click.echo(f"database:   {result['database_bytes']} bytes, schema {result['schema_revision']}")
 
 
+# -- build, retrieval, export -----------------------------------------------------------------------------------
+def _show_progress(as_json: bool) -> bool:
+    return not as_json and sys.stderr.isatty()
+
+
+def _domain_arg(domain: str | None) -> str | None:
+    return None if domain in (None, "all") else domain
+
+
+@cli.command()
+@click.option("--domain", "-d", default="all", show_default=True, help="Build only this domain ('all' for every one).")
+@click.option("--batch-size", type=click.IntRange(1, 1024), default=None, help="Pairs per forward pass [config].")
+@click.option("--rebuild", is_flag=True, help="Recompute vectors and embeddings even where they exist.")
+@json_option
+@click.pass_context
+def build(ctx, domain, batch_size, rebuild, as_json) -> None:
+    """Prefill pairs that lack vectors for the current model; embed them for retrieval; refresh the index."""
+    from kvdb.build import Builder
+    from kvdb.retrieve import Retriever
+
+    rt = _rt(ctx)
+    builder = Builder(rt.config, rt.home, rt.store)
+    report = builder.run(domain=_domain_arg(domain), batch_size=batch_size, rebuild=rebuild,
+                         progress=_show_progress(as_json), shard=_shard())
+    retriever = Retriever(rt.config, rt.home, rt.store, embedder=builder._embedder,
+                          model_fingerprint=builder.model_ref.fingerprint)
+    index = retriever.index()
+    result = {**report.as_dict(), "indexed_pairs": index.meta.get("pairs", 0)}
+    if as_json:
+        emit_json(result)
+        return
+    for failure in report.failures[:10]:
+        click.echo(f"failed {failure['hash'][:12]}: {failure['reason']}", err=True)
+    rate = f", {result['tokens_per_second']:.0f} tokens/s" if report.tokens else ""
+    click.echo(f"built {report.built}, skipped {report.skipped} already built, failed {report.failed}"
+               f" ({report.tokens} tokens in {report.seconds:.1f}s{rate}); index covers {result['indexed_pairs']} pairs")
+
+
+def _shard() -> tuple[int, int]:
+    """(rank, world) under torchrun; (0, 1) otherwise."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _read_queries(path: str) -> list[str]:
+    from kvdb.store.ingest import read_source
+
+    name, text = read_source(path)
+    queries = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValidationError(f"{name}:{lineno}: not valid JSON ({exc.msg})") from None
+        query = obj.get("query") if isinstance(obj, dict) else None
+        if not isinstance(query, str) or not query.strip():
+            raise ValidationError(f"{name}:{lineno}: needs a non-empty 'query' field")
+        queries.append(query)
+    return queries
+
+
+@cli.command()
+@click.argument("question", required=False)
+@click.option("--file", "-f", "path", metavar="FILE", help="JSONL of {\"query\": ...} objects (or -); one result a line.")
+@click.option("--top-k", "-k", type=click.IntRange(1, 1000), default=None, help="Pairs to return [config index.top_k].")
+@click.option("--domain", "-d", default=None, help="Search only this domain.")
+@json_option
+@click.pass_context
+def query(ctx, question, path, top_k, domain, as_json) -> None:
+    """Find the pairs that best answer QUESTION (or each query of --file)."""
+    from kvdb.retrieve import Retriever
+
+    if (question is None) == (path is None):
+        raise click.UsageError("give a QUESTION or --file, not both")
+    rt = _rt(ctx)
+    queries = [question] if path is None else _read_queries(path)
+    retriever = Retriever(rt.config, rt.home, rt.store)
+    results = retriever.search(queries, top_k, _domain_arg(domain))
+    retriever.flush_notices()
+    for result in results:
+        if as_json:
+            emit_json(result.as_dict(), indent=None if path else 2)
+            continue
+        if path:
+            click.echo(f"? {result.query}")
+        flag = "" if result.confident else "  (no confident match)"
+        for rank, m in enumerate(result.matches, 1):
+            click.echo(f"{rank}. [{m.score:.3f}] {m.hash[:12]} {m.domain}: {_one_line(m.question, 80)}{flag if rank == 1 else ''}")
+            if rank == 1:
+                click.echo(f"   {_one_line(m.answer, 200)}")
+
+
+@cli.command()
+@click.option("--domain", "-d", default="all", show_default=True,
+              help="'all': the merged cache and one per domain; or just this domain's.")
+@click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
+              help="Folder to write into [KVDB_HOME/knowledge_cache].")
+@json_option
+@click.pass_context
+def export(ctx, domain, out, as_json) -> None:
+    """Write knowledge_cache.pth and knowledge_cache_<domain>.pth (built pairs, their vectors and embeddings)."""
+    from kvdb.export import export_caches
+
+    rt = _rt(ctx)
+    files = export_caches(rt.config, rt.home, rt.store, domain=domain, out=out)
+    if as_json:
+        emit_json([f.__dict__ for f in files])
+        return
+    for f in files:
+        click.echo(f"{f.path}  ({f.pairs} pairs)")
+
+
+@cli.command(name="import")
+@click.argument("path", type=click.Path(dir_okay=False))
+@json_option
+@click.pass_context
+def import_(ctx, path, as_json) -> None:
+    """Add the pairs of an exported cache; its vectors are reused when made by the current model."""
+    from kvdb.export import import_cache
+
+    rt = _rt(ctx)
+    report = import_cache(rt.config, rt.home, rt.store, path)
+    if as_json:
+        emit_json(report.as_dict())
+        return
+    click.echo(f"added {report.added}, skipped {report.skipped} already stored; reused vectors of {report.vectors}"
+               f" and embeddings of {report.embeddings} pair(s)")
+    if report.vectors_skipped_reason:
+        click.echo(f"vectors not reused: {report.vectors_skipped_reason}", err=True)
+
+
+@cli.command()
+@click.argument("text_a")
+@click.argument("text_b")
+@json_option
+@click.pass_context
+def compare(ctx, text_a, text_b, as_json) -> None:
+    """Similarity of two texts: embedding cosine and token overlap (e.g. a generated answer vs a reference)."""
+    from kvdb.similarity import compare_texts
+
+    rt = _rt(ctx)
+    result = compare_texts(rt.config, rt.home, text_a, text_b)
+    if as_json:
+        emit_json(result)
+        return
+    click.echo(f"cosine {result['cosine']:.4f}  token F1 {result['token_f1']:.4f}  "
+               f"exact {'yes' if result['exact'] else 'no'}  ({result['embedder']})")
+
+
 # -- schema ---------------------------------------------------------------------------------------------------
 @cli.group(cls=KvdbGroup)
 def db() -> None:

@@ -11,7 +11,7 @@ import hashlib
 import json
 import re
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,9 +145,11 @@ def add_pairs(
     limits: StoreConfig,
     replace: bool = False,
     descriptions: dict[str, str] | None = None,
+    after: Callable[[Session], None] | None = None,
 ) -> AddReport:
     """Add pairs in one transaction. Identical pairs are skipped; a new answer to a stored question (same domain)
-    is refused unless ``replace``. Nothing is written if any item is refused."""
+    is refused unless ``replace``. Nothing is written if any item is refused. ``after(session)`` runs inside the
+    same transaction (e.g. to add the pairs' vectors on import)."""
     for item in items:
         validate(item, limits)
     report = AddReport()
@@ -200,7 +202,9 @@ def add_pairs(
             by_question[key] = row
             stored.add(h)
         report.hashes = hashes
-        if report.added or report.replaced:
+        if after is not None:
+            after(session)
+        if report.added or report.replaced or after is not None:
             store.bump_revision(session)
     return report
 

@@ -1,0 +1,305 @@
+"""`kvdb build`: prefill every pair that lacks vectors for the current model, and embed every pair that lacks an
+embedding for the current embedder.
+
+Per pair the stored sequence is exactly what the model would see had it answered the question itself:
+``chat(user: question, generation prompt) + answer tokens + end-of-turn``; ``answer_start`` is the index of the first
+answer token. Hidden states are taken with forward hooks on the decoder layers (the raw output of layer L, before any
+final norm), in right-padded batches sorted by length, without the LM head. Each batch is written in one
+transaction, so an interrupted build resumes where it stopped and never leaves half a pair.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from sqlalchemy import and_, delete, select
+from sqlalchemy.orm import Session
+
+from kvdb.config import Config, Home
+from kvdb.embed import EmbedderRef, load_embedder, resolve_embedder
+from kvdb.errors import ValidationError
+from kvdb.lm import LM, ModelRef, load_model, resolve_model
+from kvdb.store.blobs import pack
+from kvdb.store.db import Store
+from kvdb.store.models import Embedding, ModelInfo, Pair, PairVectors
+from kvdb.store.pairs import domain_id
+
+
+def resolve_layers(spec: Sequence[int], num_layers: int) -> list[int]:
+    """Config layers (1-based, negatives from the end) -> sorted unique 1-based layer numbers."""
+    out = set()
+    for layer in spec:
+        resolved = layer if layer > 0 else num_layers + 1 + layer
+        if not 1 <= resolved <= num_layers:
+            raise ValidationError(f"build.layers has {layer}, but the model has layers 1..{num_layers}")
+        out.add(resolved)
+    return sorted(out)
+
+
+@dataclass
+class PairText:
+    hash: str
+    question: str
+    answer: str
+    variants: list[str]
+
+
+@dataclass
+class Sequence_:
+    pair: PairText
+    ids: list[int]
+    answer_start: int
+
+
+@dataclass
+class BuildReport:
+    built: int = 0
+    embedded: int = 0
+    skipped: int = 0
+    failed: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    failures: list[dict[str, str]] = field(default_factory=list)
+    model: str | None = None
+    embedder: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["tokens_per_second"] = round(self.tokens / self.seconds, 1) if self.seconds else 0.0
+        return d
+
+
+def pair_sequence(lm: LM, pair: PairText) -> Sequence_:
+    prompt = lm.chat_ids([{"role": "user", "content": pair.question}], add_generation_prompt=True)
+    answer = lm.encode(pair.answer)
+    return Sequence_(pair, prompt + answer + [lm.eos_ids[0]], len(prompt))
+
+
+class LayerTap:
+    """Forward hooks that keep the output of chosen decoder layers for one forward pass."""
+
+    def __init__(self, lm: LM, layers: list[int]):
+        self.layers = layers
+        self.outputs: dict[int, torch.Tensor] = {}
+        self._handles = [lm.layers[layer - 1].register_forward_hook(self._hook(layer)) for layer in layers]
+
+    def _hook(self, layer: int) -> Callable:
+        def hook(_module, _inputs, output):
+            self.outputs[layer] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+@torch.inference_mode()
+def prefill_batch(lm: LM, seqs: list[Sequence_], layers: list[int]) -> list[dict[str, torch.Tensor]]:
+    """One padded forward pass over ``seqs``; returns per sequence {token_ids, layer_<L>} on the CPU (fp16)."""
+    longest = max(len(s.ids) for s in seqs)
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.eos_ids[0]
+    ids = torch.full((len(seqs), longest), pad, dtype=torch.long)  # [B, T]
+    mask = torch.zeros((len(seqs), longest), dtype=torch.long)  # [B, T]; right padding keeps positions 0..n-1
+    for i, s in enumerate(seqs):
+        ids[i, : len(s.ids)] = torch.tensor(s.ids)
+        mask[i, : len(s.ids)] = 1
+    tap = LayerTap(lm, layers)
+    try:
+        lm.decoder(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
+    finally:
+        tap.close()
+    states = {layer: tap.outputs[layer].to("cpu", torch.float16) for layer in layers}  # [B, T, H] each
+    out = []
+    for i, s in enumerate(seqs):
+        n = len(s.ids)
+        item = {"token_ids": torch.tensor(s.ids, dtype=torch.int32)}
+        item.update({f"layer_{layer}": states[layer][i, :n].clone() for layer in layers})
+        out.append(item)
+    return out
+
+
+def _texts_for_embedding(pair: PairText) -> dict[str, list[str]]:
+    fields = {"question": [pair.question], "answer": [pair.answer]}
+    if pair.variants:
+        fields["variants"] = pair.variants
+    return fields
+
+
+def _pair_text(row: Pair) -> PairText:
+    variants = (row.meta or {}).get("variants") or []
+    variants = [v for v in variants if isinstance(v, str) and v.strip()] if isinstance(variants, list) else []
+    return PairText(row.hash, row.question, row.answer, variants)
+
+
+class Builder:
+    def __init__(self, config: Config, home: Home, store: Store):
+        self.config = config
+        self.home = home
+        self.store = store
+        self.model_ref: ModelRef = resolve_model(config.model, home)
+        self.embedder_ref: EmbedderRef = resolve_embedder(config.embedder, home, self.model_ref.fingerprint)
+        self._lm: LM | None = None
+        self._embedder = None
+
+    def lm(self) -> LM:
+        if self._lm is None:
+            self._lm = load_model(self.config.model, self.home, ref=self.model_ref)
+        return self._lm
+
+    def embedder(self):
+        if self._embedder is None:
+            needs_lm = self.embedder_ref.source == "base-mean"
+            self._embedder = load_embedder(self.embedder_ref, self.config.embedder,
+                                           lm=self.lm() if needs_lm else None, device=self.config.model.device)
+        return self._embedder
+
+    def plan(self, session: Session, domain: str | None, rebuild: bool) -> tuple[list[PairText], list[PairText], int]:
+        """(pairs needing vectors, pairs needing embeddings, pairs in scope) — reads the store only."""
+        scope = select(Pair).order_by(Pair.id)
+        if domain is not None:
+            scope = scope.where(Pair.domain_id == domain_id(session, domain))
+        fp, key = self.model_ref.fingerprint, self.embedder_ref.key
+        if rebuild:
+            rows = [_pair_text(r) for r in session.scalars(scope)]
+            return rows, rows, len(rows)
+        total = len(session.scalars(scope.with_only_columns(Pair.id)).all())
+        need_vec = session.scalars(
+            scope.outerjoin(PairVectors, and_(PairVectors.pair_hash == Pair.hash, PairVectors.fingerprint == fp))
+            .where(PairVectors.id.is_(None))
+        ).all()
+        need_emb = session.scalars(
+            scope.outerjoin(Embedding, and_(Embedding.pair_hash == Pair.hash, Embedding.embedder == key))
+            .where(Embedding.id.is_(None))
+        ).all()
+        return [_pair_text(r) for r in need_vec], [_pair_text(r) for r in need_emb], total
+
+    def run(self, domain: str | None = None, batch_size: int | None = None, rebuild: bool = False,
+            progress: bool = True, shard: tuple[int, int] = (0, 1)) -> BuildReport:
+        """Build what is missing. ``shard=(rank, world)`` keeps every world-th pair (for torchrun)."""
+        report = BuildReport(model=self.model_ref.name, embedder=self.embedder_ref.key)
+        with self.store.read() as session:
+            need_vec, need_emb, total = self.plan(session, domain, rebuild)
+        rank, world = shard
+        need_vec, need_emb = need_vec[rank::world], need_emb[rank::world]
+        todo = {p.hash: p for p in need_vec} | {p.hash: p for p in need_emb}
+        report.skipped = total - len({p.hash for p in need_vec} | {p.hash for p in need_emb}) if world == 1 else 0
+        if not todo:
+            return report
+        start = time.perf_counter()
+        batch = max(1, batch_size or self.config.build.batch_size)
+        vec_hashes = {p.hash for p in need_vec}
+        emb_hashes = {p.hash for p in need_emb}
+        bar = _progress(len(todo), progress)
+        try:
+            embedded: set[str] = set()
+            if vec_hashes:
+                embedded = self._build_vectors([todo[h] for h in todo if h in vec_hashes], batch, rebuild,
+                                               emb_hashes, report, bar)
+            rest = [todo[h] for h in todo if h in emb_hashes and h not in embedded]
+            for i in range(0, len(rest), 64):
+                chunk = rest[i : i + 64]
+                self._write(chunk, {}, self._embed(chunk), rebuild)
+                report.embedded += len(chunk)
+                bar.update(sum(1 for p in chunk if p.hash not in vec_hashes))
+        finally:
+            bar.close()
+        report.seconds = time.perf_counter() - start
+        return report
+
+    def _build_vectors(self, pairs: list[PairText], batch: int, rebuild: bool, emb_hashes: set[str],
+                       report: BuildReport, bar) -> set[str]:
+        """Prefill ``pairs``; embed those of them in ``emb_hashes`` alongside. Returns the hashes embedded."""
+        lm = self.lm()
+        layers = resolve_layers(self.config.build.layers, lm.num_layers)
+        self._ensure_model_row(lm, layers)
+        seqs = []
+        for pair in pairs:
+            seq = pair_sequence(lm, pair)
+            if len(seq.ids) > min(self.config.build.max_tokens, lm.max_positions):
+                report.failed += 1
+                report.failures.append({"hash": pair.hash, "reason": f"{len(seq.ids)} tokens, over build.max_tokens"})
+                bar.update(1)
+                continue
+            seqs.append(seq)
+        seqs.sort(key=lambda s: len(s.ids))  # similar lengths together: little padding
+        t0 = time.perf_counter()
+        embedded: set[str] = set()
+        for i in range(0, len(seqs), batch):
+            group = seqs[i : i + batch]
+            tensors = prefill_batch(lm, group, layers)
+            vectors = {s.pair.hash: (s, t) for s, t in zip(group, tensors)}
+            to_embed = [s.pair for s in group if s.pair.hash in emb_hashes]
+            embeddings = self._embed(to_embed) if to_embed else {}
+            self._write([s.pair for s in group], vectors, embeddings, rebuild, layers)
+            report.built += len(group)
+            report.embedded += len(embeddings)
+            embedded.update(embeddings)
+            report.tokens += sum(len(s.ids) for s in group)
+            bar.update(len(group))
+            bar.set_postfix_str(f"{report.tokens / (time.perf_counter() - t0):.0f} tok/s", refresh=False)
+        return embedded
+
+    def _embed(self, pairs: list[PairText]) -> dict[str, dict[str, np.ndarray]]:
+        embedder = self.embedder()
+        texts, owners = [], []
+        for pair in pairs:
+            for field_name, values in _texts_for_embedding(pair).items():
+                texts += values
+                owners += [(pair.hash, field_name)] * len(values)
+        vectors = embedder.embed(texts) if texts else np.zeros((0, embedder.dim), np.float32)
+        out: dict[str, dict[str, list[np.ndarray]]] = {}
+        for (h, field_name), vec in zip(owners, vectors):
+            out.setdefault(h, {}).setdefault(field_name, []).append(vec)
+        return {h: {f: np.stack(v) for f, v in fields.items()} for h, fields in out.items()}
+
+    def _ensure_model_row(self, lm: LM, layers: list[int]) -> None:
+        with self.store.write() as session:
+            if session.get(ModelInfo, lm.fingerprint) is None:
+                session.add(ModelInfo(fingerprint=lm.fingerprint, name=lm.ref.name, source=lm.ref.source,
+                                      hidden_size=lm.hidden_size, num_layers=lm.num_layers,
+                                      info={**lm.describe(), "layers": layers}))
+
+    def _write(self, pairs: list[PairText], vectors: dict, embeddings: dict, rebuild: bool,
+               layers: list[int] | None = None) -> None:
+        """One transaction per batch; pairs removed meanwhile are dropped, rows another builder wrote are kept."""
+        hashes = [p.hash for p in pairs]
+        fp, key = self.model_ref.fingerprint, self.embedder_ref.key
+        with self.store.write() as session:
+            alive = set(session.scalars(select(Pair.hash).where(Pair.hash.in_(hashes))))
+            if vectors:
+                if rebuild:
+                    session.execute(delete(PairVectors).where(PairVectors.fingerprint == fp,
+                                                              PairVectors.pair_hash.in_(hashes)))
+                have = set(session.scalars(select(PairVectors.pair_hash).where(
+                    PairVectors.fingerprint == fp, PairVectors.pair_hash.in_(hashes))))
+                for h, (seq, tensors) in vectors.items():
+                    if h not in alive or h in have:
+                        continue
+                    data, digest = pack(tensors)
+                    session.add(PairVectors(pair_hash=h, fingerprint=fp, layers=layers, num_tokens=len(seq.ids),
+                                            answer_start=seq.answer_start, data=data, checksum=digest))
+            if embeddings:
+                if rebuild:
+                    session.execute(delete(Embedding).where(Embedding.embedder == key,
+                                                            Embedding.pair_hash.in_(list(embeddings))))
+                have = set(session.scalars(select(Embedding.pair_hash).where(
+                    Embedding.embedder == key, Embedding.pair_hash.in_(list(embeddings)))))
+                for h, fields in embeddings.items():
+                    if h not in alive or h in have:
+                        continue
+                    data, digest = pack({f: torch.from_numpy(v) for f, v in fields.items()})
+                    session.add(Embedding(pair_hash=h, embedder=key, dim=int(fields["question"].shape[-1]),
+                                          data=data, checksum=digest))
+                self.store.bump_revision(session)
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="pair", desc="build", disable=not enabled, leave=False, dynamic_ncols=True)

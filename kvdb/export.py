@@ -1,0 +1,344 @@
+"""`kvdb export` / `kvdb import`: the `.pth` knowledge caches the seed's trainer read, as a portable file.
+
+A cache is a dict that ``torch.load(path, weights_only=True)`` opens::
+
+    format "kvdb.knowledge_cache", version 1, domain ("all" or a name),
+    model {name, fingerprint, hidden_size, num_layers, layers},  embedder {key, dim, fields},
+    qa_pairs [{hash, domain, question, answer, metadata}],
+    token_ids [int32 [T]], token_vectors [{"layer_<L>": fp16 [T, H]}], answer_starts [int],
+    embeddings [float32 [D] (question)], embedding_fields [{field: float32 [n, D]}]
+
+Lists are parallel, one entry per pair, in store order. Writing streams pair by pair: a pickler writes each tensor's
+storage into the zip archive as soon as it meets it and forgets it, so memory stays bounded by one pair however
+large the store is. Archives carry no timestamps or temporary names, so the same store gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from sqlalchemy import select
+
+from kvdb.config import Config, Home
+from kvdb.errors import ForeignFileError, NotBuiltError, NotFoundError, StoreError, ValidationError
+from kvdb.fileio import atomic_path
+from kvdb.store.blobs import unpack
+from kvdb.store.db import Store
+from kvdb.store.models import Domain, Embedding, ModelInfo, Pair, PairVectors
+from kvdb.store.pairs import check_domain, domain_id
+
+FORMAT = "kvdb.knowledge_cache"
+VERSION = 1
+_LIST_KEYS = ("qa_pairs", "token_ids", "token_vectors", "answer_starts", "embeddings", "embedding_fields")
+
+
+# -- streaming .pth writer ----------------------------------------------------------------------------------------
+class _Stream:
+    """A list whose items are produced while pickling; unpickles as a plain list."""
+
+    def __init__(self, items: Iterator[Any]):
+        self.items = items
+
+
+class _StreamingPickler(pickle._Pickler):  # the pure-Python pickler: its dispatch and memo can be extended
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def __init__(self, file, archive):
+        super().__init__(file, protocol=2)
+        self.archive = archive
+        self._storage_keys: dict[int, str] = {}  # storage address -> record key, for storages still alive
+        self._next_key = 0
+        self._next_memo = 0
+
+    def memoize(self, obj):
+        # A counter rather than len(memo): entries are dropped after each streamed item (so tensors can be freed),
+        # and indices must never be handed out twice.
+        if self.fast:
+            return
+        idx = self._next_memo
+        self._next_memo += 1
+        self.write(self.put(idx))
+        self.memo[id(obj)] = idx, obj
+
+    def persistent_id(self, obj):
+        # Mirrors torch.serialization._save, except that the storage bytes go into the archive right away.
+        if isinstance(obj, torch.storage.TypedStorage):
+            storage = obj._untyped_storage
+            key = self._storage_keys.get(storage._cdata)
+            if key is None:
+                key = str(self._next_key)
+                self._next_key += 1
+                self._storage_keys[storage._cdata] = key
+                self.archive.write_record(f"data/{key}", storage, storage.nbytes())
+            return ("storage", getattr(torch, obj._pickle_storage_type()), key, "cpu", obj._size())
+        return None
+
+    def save_stream(self, obj: _Stream) -> None:
+        self.write(pickle.EMPTY_LIST)
+        self.memoize(obj)
+        for item in obj.items:
+            before = len(self.memo)
+            self.save(item)
+            self.write(pickle.APPEND)
+            for key in list(self.memo)[before:]:
+                del self.memo[key]  # the item's tensors and storages are written; let them go
+            # Freed storages' addresses get reused: a stale entry would alias a later tensor to this one's bytes.
+            self._storage_keys.clear()
+
+    dispatch[_Stream] = save_stream
+
+
+def write_pth_streaming(path: Path, obj: dict[str, Any]) -> None:
+    """Write ``obj`` (which may hold ``_Stream`` lists) as a torch zip archive, atomically."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        archive = torch._C.PyTorchFileWriter(f, True, 64)
+        data = io.BytesIO()
+        _StreamingPickler(data, archive).dump(obj)
+        payload = data.getvalue()
+        archive.write_record("data.pkl", payload, len(payload))
+        archive.write_record(".format_version", "1", 1)
+        archive.write_record(".storage_alignment", "64", 2)
+        archive.write_record("byteorder", sys.byteorder, len(sys.byteorder))
+        # torch stamps archives with a random id unless one is written: derive it from the content instead.
+        stamp = hashlib.sha256(payload).hexdigest()[:20]
+        archive.write_record(".data/serialization_id", stamp, len(stamp))
+        archive.write_end_of_file()
+        del archive
+
+
+# -- export -------------------------------------------------------------------------------------------------------
+@dataclass
+class ExportedFile:
+    path: str
+    domain: str
+    pairs: int
+
+
+def _pair_rows(session, fingerprint: str, embedder: str, dom_id: int | None, chunk: int = 256):
+    """Yield (pair, vectors row, embedding row) for every pair that has vectors, in store order, a chunk at a time."""
+    last = 0
+    while True:
+        query = (
+            select(Pair, PairVectors, Embedding)
+            .join(PairVectors, (PairVectors.pair_hash == Pair.hash) & (PairVectors.fingerprint == fingerprint))
+            .outerjoin(Embedding, (Embedding.pair_hash == Pair.hash) & (Embedding.embedder == embedder))
+            .where(Pair.id > last)
+            .order_by(Pair.id)
+            .limit(chunk)
+        )
+        if dom_id is not None:
+            query = query.where(Pair.domain_id == dom_id)
+        rows = session.execute(query).all()
+        if not rows:
+            return
+        yield from rows
+        last = rows[-1][0].id
+        session.expunge_all()  # keep the session's identity map from growing with the store
+
+
+def _cache_object(session, model: ModelInfo, layers: list[int], embedder_key: str, embedder_dim: int,
+                  domain: str, dom_id: int | None) -> dict[str, Any]:
+    rows = lambda: _pair_rows(session, model.fingerprint, embedder_key, dom_id)  # noqa: E731 - a fresh pass each
+
+    def pairs():
+        for pair, _, _ in rows():
+            yield {"hash": pair.hash, "domain": pair.domain.name, "question": pair.question, "answer": pair.answer,
+                   "metadata": pair.meta or {}}
+
+    def tensors(kind: str) -> Iterator[Any]:
+        for pair, vec, emb in rows():
+            if kind == "answer_starts":
+                yield vec.answer_start
+                continue
+            if kind in ("token_ids", "token_vectors"):
+                t = unpack(vec.data, vec.checksum, f"vectors of pair {pair.hash[:12]}")
+                if kind == "token_ids":
+                    yield t["token_ids"].clone()
+                else:
+                    yield {k: v.clone() for k, v in sorted(t.items()) if k.startswith("layer_")}
+                continue
+            if emb is None:
+                raise NotBuiltError(f"pair {pair.hash[:12]} has vectors but no embedding; run `kvdb build`")
+            fields = unpack(emb.data, emb.checksum, f"embedding of pair {pair.hash[:12]}")
+            if kind == "embeddings":
+                yield fields["question"][0].clone()
+            else:
+                yield {k: v.clone() for k, v in sorted(fields.items())}
+
+    obj = {
+        "format": FORMAT,
+        "version": VERSION,
+        "domain": domain,
+        "model": {"name": model.name, "fingerprint": model.fingerprint, "hidden_size": model.hidden_size,
+                  "num_layers": model.num_layers, "layers": list(layers)},
+        "embedder": {"key": embedder_key, "dim": embedder_dim},
+        "qa_pairs": _Stream(pairs()),
+    }
+    for key in _LIST_KEYS[1:]:
+        obj[key] = _Stream(tensors(key))
+    return obj
+
+
+def export_caches(config: Config, home: Home, store: Store, domain: str = "all", out: Path | None = None,
+                  progress: bool = False) -> list[ExportedFile]:
+    from kvdb.embed import resolve_embedder
+    from kvdb.lm import resolve_model
+
+    ref = resolve_model(config.model, home)
+    emb_ref = resolve_embedder(config.embedder, home, ref.fingerprint)
+    out = Path(out) if out is not None else home.cache_dir
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"cannot create the export folder {out}: {exc.strerror}") from None
+    if not _writable(out):
+        raise StoreError(f"the export folder {out} is not writable")
+    written = []
+    with store.read() as session:
+        model = session.get(ModelInfo, ref.fingerprint)
+        if model is None:
+            raise NotBuiltError(f"nothing is built for {ref.name} yet; run `kvdb build` first")
+        layer_rows = session.execute(select(PairVectors.layers).where(PairVectors.fingerprint == ref.fingerprint)
+                                     .limit(1)).first()
+        layers = list(layer_rows[0]) if layer_rows else []
+        dim_row = session.execute(select(Embedding.dim).where(Embedding.embedder == emb_ref.key).limit(1)).first()
+        dim = int(dim_row[0]) if dim_row else 0
+        if domain == "all":
+            targets = [("all", None, "knowledge_cache.pth")]
+            targets += [(name, did, f"knowledge_cache_{name}.pth")
+                        for name, did in session.execute(select(Domain.name, Domain.id).order_by(Domain.name))]
+        else:
+            check_domain(domain)
+            targets = [(domain, domain_id(session, domain), f"knowledge_cache_{domain}.pth")]
+        for name, did, filename in targets:
+            count = _count_built(session, ref.fingerprint, did)
+            obj = _cache_object(session, model, layers, emb_ref.key, dim, name, did)
+            try:
+                write_pth_streaming(out / filename, obj)
+            except OSError as exc:
+                raise StoreError(f"cannot write {out / filename}: {exc.strerror or exc}; the old file, if any, "
+                                 "is unchanged") from None
+            written.append(ExportedFile(str(out / filename), name, count))
+    return written
+
+
+def _count_built(session, fingerprint: str, dom_id: int | None) -> int:
+    from sqlalchemy import func
+
+    query = select(func.count(Pair.id)).join(
+        PairVectors, (PairVectors.pair_hash == Pair.hash) & (PairVectors.fingerprint == fingerprint))
+    if dom_id is not None:
+        query = query.where(Pair.domain_id == dom_id)
+    return session.scalar(query) or 0
+
+
+def _writable(folder: Path) -> bool:
+    import os
+
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+# -- reading ------------------------------------------------------------------------------------------------------
+def load_cache(path: str | Path) -> dict[str, Any]:
+    """Open a kvdb cache safely (``weights_only``: a pickle that would run code is refused) and check its shape."""
+    path = Path(path)
+    if not path.is_file():
+        raise NotFoundError(f"cache file {path} does not exist; run `kvdb export` to write one")
+    try:
+        obj = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
+        raise ForeignFileError(f"{path} is not a safe kvdb cache (refused to unpickle: {first[:160]})") from None
+    except Exception as exc:  # zip errors, truncation, anything torch.load raises on a bad file
+        raise ForeignFileError(f"{path} is not a readable kvdb cache ({type(exc).__name__})") from None
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise ForeignFileError(f"{path} is not a kvdb knowledge cache (no format '{FORMAT}')")
+    if obj.get("version") != VERSION:
+        raise ForeignFileError(f"{path} is cache version {obj.get('version')}, this kvdb reads {VERSION}")
+    n = len(obj.get("qa_pairs", []))
+    for key in _LIST_KEYS:
+        if not isinstance(obj.get(key), list) or len(obj[key]) != n:
+            raise ForeignFileError(f"{path} is damaged: '{key}' does not have one entry per pair")
+    return obj
+
+
+# -- import -------------------------------------------------------------------------------------------------------
+@dataclass
+class ImportReport:
+    added: int = 0
+    skipped: int = 0
+    vectors: int = 0
+    embeddings: int = 0
+    vectors_skipped_reason: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def import_cache(config: Config, home: Home, store: Store, path: str | Path,
+                 on_progress: Callable[[int], None] | None = None) -> ImportReport:
+    """Add the pairs of a cache, and its vectors and embeddings where they were made by the current model and
+    embedder; all in one transaction."""
+    from kvdb.embed import resolve_embedder
+    from kvdb.lm import resolve_model
+    from kvdb.store.blobs import pack
+    from kvdb.store.pairs import PairInput, add_pairs, pair_hash
+
+    obj = load_cache(path)
+    ref = resolve_model(config.model, home)
+    emb_ref = resolve_embedder(config.embedder, home, ref.fingerprint)
+    model = obj["model"]
+    report = ImportReport()
+    reuse_vectors = model.get("fingerprint") == ref.fingerprint
+    if not reuse_vectors:
+        report.vectors_skipped_reason = (f"made by another model ({model.get('name')}); `kvdb build` recomputes them")
+    reuse_emb = obj.get("embedder", {}).get("key") == emb_ref.key
+    items = []
+    for i, qa in enumerate(obj["qa_pairs"]):
+        if not isinstance(qa, dict) or pair_hash(str(qa.get("question", "")), str(qa.get("answer", ""))) != qa.get("hash"):
+            raise ForeignFileError(f"{path} is damaged: pair {i} does not match its hash")
+        items.append(PairInput(domain=qa["domain"], question=qa["question"], answer=qa["answer"],
+                               metadata=qa.get("metadata") or {}, where=f"{path}#{i}"))
+    if not items:
+        raise ValidationError(f"{path} holds no pairs")
+
+    def extra(session) -> None:
+        have_vec = set(session.scalars(select(PairVectors.pair_hash).where(PairVectors.fingerprint == ref.fingerprint)))
+        have_emb = set(session.scalars(select(Embedding.pair_hash).where(Embedding.embedder == emb_ref.key)))
+        if reuse_vectors and session.get(ModelInfo, ref.fingerprint) is None:
+            session.add(ModelInfo(fingerprint=ref.fingerprint, name=model["name"], source=config.model.source,
+                                  hidden_size=int(model["hidden_size"]), num_layers=int(model["num_layers"]),
+                                  info={"imported_from": str(path), "layers": list(model.get("layers", []))}))
+            session.flush()
+        for i, item in enumerate(items):
+            h = item.hash
+            if reuse_vectors and h not in have_vec:
+                tensors = {"token_ids": obj["token_ids"][i].to(torch.int32), **obj["token_vectors"][i]}
+                data, digest = pack(tensors)
+                session.add(PairVectors(pair_hash=h, fingerprint=ref.fingerprint, layers=list(model["layers"]),
+                                        num_tokens=int(tensors["token_ids"].numel()),
+                                        answer_start=int(obj["answer_starts"][i]), data=data, checksum=digest))
+                have_vec.add(h)
+                report.vectors += 1
+            if reuse_emb and h not in have_emb:
+                fields = obj["embedding_fields"][i]
+                data, digest = pack({k: v.float() for k, v in fields.items()})
+                session.add(Embedding(pair_hash=h, embedder=emb_ref.key, dim=int(fields["question"].shape[-1]),
+                                      data=data, checksum=digest))
+                have_emb.add(h)
+                report.embeddings += 1
+            if on_progress and i % 256 == 0:
+                session.flush()
+                on_progress(i)
+
+    added = add_pairs(store, items, config.store, after=extra)
+    report.added, report.skipped = added.added, added.skipped
+    return report

