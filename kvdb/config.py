@@ -69,8 +69,14 @@ class BuildConfig:
 class IndexConfig:
     kind: str = "auto"  # flat | hnsw | ivf | auto
     top_k: int = 3
-    # Cosine score the best match must reach to be called confident; calibrated on benchmarks/data (see README).
+    # Re-rank the best embedding candidates with the base model (query likelihood); see kvdb/rerank.py.
+    rerank: bool = True
+    rerank_candidates: int = 5
+    rerank_weight: float = 1.0
+    # Score the best match must reach to be called confident: with rerank, cosine + weight * PMI; without, the
+    # cosine alone. Both calibrated by benchmarks/eval_retrieval.py (see README).
     confident_threshold: float = 0.5
+    confident_threshold_no_rerank: float = 0.6
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,14 @@ class DraftConfig:
     num_sampled_layers: int = 3
     knowledge_heads: int = 4
     max_knowledge_tokens: int = 512
+    # The last ``trainable_layers`` of the sampled layers are fine-tuned copies; the ones before stay the base
+    # model's own (shared, not stored in checkpoints, and their outputs come free from the base model's forward).
+    trainable_layers: int = 1
+    # Draft vocabulary: the first ``vocab_frequent`` ids (BPE orders merges by frequency) plus every token of the
+    # prompt and the knowledge; 0 keeps the full head. The base model verifies, so this changes speed only.
+    vocab_frequent: int = 4096
+    # Stop drafting when the draft's top-token probability falls below this (Kangaroo); 0 always drafts k tokens.
+    stop_threshold: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -88,6 +102,18 @@ class TrainingConfig:
     save_every: int = 5
     holdout_fraction: float = 0.2
     seed: int = 0
+    # The knowledge module starts from scratch and needs a larger step than the fine-tuned layers.
+    knowledge_learning_rate: float = 1e-3
+    # Training questions per pair: the pair's question, plus its metadata["variants"] rephrasings when true.
+    use_variants: bool = True
+    # Retrieved-pair contexts per question: the first is what retrieval gives; each further one is the question's
+    # own pair among random others, shuffled (the base model answers each context once).
+    contexts_per_question: int = 1
+    # EAGLE-style feature loss: smooth-L1 of the draft's final hidden state to the base model's, beside the token
+    # loss (a weight of 0 turns it off).
+    feature_loss_weight: float = 0.0
+    # Batch size of the base model's greedy answers (data preparation).
+    answer_batch_size: int = 8
 
 
 @dataclass(frozen=True)

@@ -86,8 +86,12 @@ def index_spec(config: Config) -> IndexSpec:
 class Retriever:
     """Query embedding + index search over the store. Build once per process; reuse for many queries."""
 
-    def __init__(self, config: Config, home: Home, store: Store, embedder=None, model_fingerprint: str | None = None):
+    def __init__(self, config: Config, home: Home, store: Store, embedder=None, model_fingerprint: str | None = None,
+                 lm=None, rerank: bool | None = None):
         self.config = config
+        self._lm = lm
+        self.rerank = config.index.rerank if rerank is None else rerank
+        self._reranker = None
         self.home = home
         self.store = store
         if embedder is not None:
@@ -112,6 +116,16 @@ class Retriever:
         if self._embedder is None:
             self._embedder = load_embedder(self.ref, self.config.embedder, device=self.config.model.device)
         return self._embedder
+
+    def reranker(self):
+        if self._reranker is None:
+            from kvdb.lm import load_model
+            from kvdb.rerank import LMReranker
+
+            if self._lm is None:
+                self._lm = load_model(self.config.model, self.home)
+            self._reranker = LMReranker(self._lm)
+        return self._reranker
 
     # -- index lifecycle ------------------------------------------------------------------------------------------
     def index(self) -> VectorIndex:
@@ -176,21 +190,30 @@ class Retriever:
             ids = index.ids()
             allowed = ids[np.isin(ids // SLOTS, pids)]
         vectors = self.embedder().embed(queries)
-        hits = index.search(vectors, k * 8 + 16, allowed_ids=allowed)
-        ranked = [best_per_pair(h, k) for h in hits]
+        depth = max(k, self.config.index.rerank_candidates) if self.rerank else k
+        hits = index.search(vectors, depth * 8 + 16, allowed_ids=allowed)
+        ranked = [best_per_pair(h, depth) for h in hits]
         rows = self._pairs({pid for r in ranked for pid, _ in r})
-        threshold = self.config.index.confident_threshold
         results = []
         for query, top in zip(queries, ranked):
-            matches = []
-            for pid, score in top:
-                row = rows.get(pid)
-                if row is not None:
-                    matches.append(Match(row.hash, row.domain.name, row.question, row.answer, float(score),
-                                         row.meta or {}, pid))
-            confident = bool(matches) and matches[0].score >= threshold
-            results.append(QueryResult(query, confident, matches))
+            matches = [Match(rows[pid].hash, rows[pid].domain.name, rows[pid].question, rows[pid].answer,
+                             float(score), rows[pid].meta or {}, pid) for pid, score in top if pid in rows]
+            if self.rerank and len(matches) > 0:
+                matches = self._rerank(query, matches)
+                threshold = self.config.index.confident_threshold
+            else:
+                threshold = self.config.index.confident_threshold_no_rerank
+            matches = matches[:k]
+            results.append(QueryResult(query, bool(matches) and matches[0].score >= threshold, matches))
         return results
+
+    def _rerank(self, query: str, matches: list[Match]) -> list[Match]:
+        """Candidates re-scored as cosine + weight * PMI(question; answer) under the base model."""
+        conditional, null = self.reranker().score(query, [m.answer for m in matches])
+        weight = self.config.index.rerank_weight
+        for m, c in zip(matches, conditional):
+            m.score = m.score + weight * float(c - null)
+        return sorted(matches, key=lambda m: -m.score)
 
     def _pairs(self, pids: set[int]) -> dict[int, Pair]:
         if not pids:

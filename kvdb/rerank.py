@@ -1,0 +1,52 @@
+"""Re-rank retrieved pairs with the base model: how likely is the user's question, given a pair's answer?
+
+The embedder finds candidates fast but misses paraphrases that describe a concept without naming it; the base model
+reading the candidate answer and scoring the question token by token (query likelihood) catches most of them. The
+score is the mean log-probability of the question's tokens after ``Text: <answer>\\nA question this text answers:``,
+and the same without the text; their difference (pointwise mutual information) says how much the answer explains
+the question, which is also what separates answerable questions from the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+CONTEXT = ("Text: ", "\nA question this text answers: ")
+NULL_CONTEXT = "A question: "
+
+
+class LMReranker:
+    def __init__(self, lm, max_answer_tokens: int = 160):
+        self.lm = lm
+        self.max_answer_tokens = max_answer_tokens
+
+    @torch.inference_mode()
+    def _mean_logprob(self, contexts: list[list[int]], query: list[int]) -> np.ndarray:
+        seqs = [c + query for c in contexts]
+        longest = max(len(s) for s in seqs)
+        pad = self.lm.eos_ids[0]
+        ids = torch.full((len(seqs), longest), pad, dtype=torch.long)  # [B, T], right-padded
+        mask = torch.zeros_like(ids)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+        logits = self.lm.model(input_ids=ids.to(self.lm.device), attention_mask=mask.to(self.lm.device)).logits
+        logprobs = logits.float().log_softmax(-1)  # [B, T, V]
+        target = torch.tensor(query, device=logprobs.device)  # [Q]
+        out = []
+        for i, c in enumerate(contexts):
+            positions = torch.arange(len(c) - 1, len(c) + len(query) - 1, device=logprobs.device)  # predict query
+            out.append(logprobs[i, positions, target].mean().item())
+        return np.array(out)
+
+    def score(self, query: str, answers: Sequence[str]) -> tuple[np.ndarray, float]:
+        """(mean log p(query | answer) per answer, mean log p(query) without one)."""
+        q = self.lm.encode(" " + query.strip())[:64] or [self.lm.eos_ids[0]]
+        head, tail = self.lm.encode(CONTEXT[0]), self.lm.encode(CONTEXT[1])
+        contexts = [head + self.lm.encode(a)[: self.max_answer_tokens] + tail for a in answers]
+        conditional = self._mean_logprob(contexts, q)
+        null = float(self._mean_logprob([self.lm.encode(NULL_CONTEXT)], q)[0])
+        return conditional, null

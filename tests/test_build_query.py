@@ -1,0 +1,299 @@
+"""kvdb build / query / export / import / compare on a tiny random Llama (and the real MiniLM embedder)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvdb.build import Builder, pair_sequence, PairText
+from kvdb.config import Home, load_config
+from kvdb.lm import load_model
+from kvdb.runtime import Runtime
+from kvdb.store.blobs import unpack
+from tests.conftest import Kvdb, write_jsonl
+from tests.tiny import make_model
+
+PAIRS = [
+    {"domain": "biology", "question": "What is photosynthesis?",
+     "answer": "Plants use sunlight to turn water and carbon dioxide into sugar and oxygen."},
+    {"domain": "biology", "question": "What do mitochondria do?",
+     "answer": "They burn sugar with oxygen to make the cell's energy currency, ATP."},
+    {"domain": "physics", "question": "Why is the sky blue?",
+     "answer": "Air molecules scatter short blue wavelengths of sunlight much more than red ones."},
+    {"domain": "physics", "question": "What is entropy?",
+     "answer": "A measure of how many microscopic states fit a system's large-scale state."},
+    {"domain": "math", "question": "What is a prime number?",
+     "answer": "A whole number above one whose only divisors are one and itself, like 2, 3, 5 and 7."},
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tmp_path_factory) -> Path:
+    folder = make_model(tmp_path_factory.mktemp("tiny") / "llama", layers=4, hidden=64)
+    cfg = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
+    cfg.write_text(f"model:\n  source: {folder}\nbuild:\n  batch_size: 2\n  layers: [3, -1]\n"
+                   "index:\n  rerank: false\n  confident_threshold_no_rerank: 0.5\n")
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def built_home(tmp_path_factory, tiny_config) -> Path:
+    home = tmp_path_factory.mktemp("built") / "home"
+    kv = Kvdb(home, tiny_config)
+    kv("add", "--file", str(write_jsonl(home.parent / "pairs.jsonl", PAIRS)))
+    kv("build")
+    return home
+
+
+@pytest.fixture
+def kvb(built_home, tiny_config, tmp_path) -> Kvdb:
+    """A private copy of the built home."""
+    home = tmp_path / "home"
+    shutil.copytree(built_home, home)
+    return Kvdb(home, tiny_config)
+
+
+def _vectors(home: Path) -> list[tuple]:
+    with sqlite3.connect(home / "kvdb.sqlite") as conn:
+        return conn.execute("select pair_hash, layers, num_tokens, answer_start, data, checksum from pair_vectors"
+                            " order by pair_hash").fetchall()
+
+
+def test_build_stores_exact_hidden_states(kvb: Kvdb, tiny_config):
+    rt = Runtime.open(kvb.home, tiny_config)
+    lm = load_model(rt.config.model, rt.home)
+    rows = _vectors(kvb.home)
+    assert len(rows) == len(PAIRS)
+    by_hash = {p["question"]: p for p in PAIRS}
+    pairs = {r["hash"]: r for r in kvb.json("list")}
+    for h, layers, num_tokens, answer_start, data, checksum in rows:
+        assert json.loads(layers) == [3, 4]
+        pair = pairs[h]
+        seq = pair_sequence(lm, PairText(h, pair["question"], pair["answer"], []))
+        tensors = unpack(data, checksum, "test")
+        assert tensors["token_ids"].tolist() == seq.ids and num_tokens == len(seq.ids)
+        assert answer_start == seq.answer_start
+        assert seq.ids[answer_start:-1] == lm.encode(by_hash[pair["question"]]["answer"])
+        # Padded batching must not change any vector: compare with an unpadded forward of this pair alone.
+        out = lm.model(torch.tensor([seq.ids]), output_hidden_states=True)
+        for layer in (3, 4):
+            got = tensors[f"layer_{layer}"].float()
+            assert got.shape == (len(seq.ids), lm.hidden_size) and tensors[f"layer_{layer}"].dtype == torch.float16
+            want = out.hidden_states[layer] if layer < 4 else None
+            if want is not None:
+                torch.testing.assert_close(got, want[0].float(), atol=2e-2, rtol=1e-2)
+        assert got.abs().sum() > 0
+
+
+def test_second_build_skips_without_loading_a_model(kvb: Kvdb, monkeypatch):
+    import kvdb.build
+
+    def boom(*a, **k):
+        raise AssertionError("a no-op build must not load the model")
+
+    monkeypatch.setattr(kvdb.build, "load_model", boom)
+    monkeypatch.setattr(kvdb.build, "load_embedder", boom)
+    result = kvb.json("build")
+    assert (result["built"], result["skipped"], result["failed"]) == (0, len(PAIRS), 0)
+
+
+def test_interrupted_build_resumes(tmp_path, tiny_config, monkeypatch):
+    import kvdb.build
+
+    kv = Kvdb(tmp_path / "h", tiny_config)
+    kv("add", "--file", str(write_jsonl(tmp_path / "p.jsonl", PAIRS)))
+    real = kvdb.build.prefill_batch
+    calls = {"n": 0}
+
+    def dies_on_second(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # as if killed mid-build
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kvdb.build, "prefill_batch", dies_on_second)
+    kv("build", ok=False)
+    assert len(_vectors(kv.home)) == 2  # the first batch (batch_size 2) was committed whole
+    monkeypatch.setattr(kvdb.build, "prefill_batch", real)
+    result = kv.json("build")
+    assert result["built"] == len(PAIRS) - 2 and result["skipped"] == 2
+    assert len(_vectors(kv.home)) == len(PAIRS)
+
+
+def test_rebuild_and_domain_scope(kvb: Kvdb):
+    before = {r[0]: r[5] for r in _vectors(kvb.home)}
+    result = kvb.json("build", "--rebuild", "--domain", "math")
+    assert result["built"] == 1
+    after = {r[0]: r[5] for r in _vectors(kvb.home)}
+    assert after == before  # deterministic: the same vectors again
+    kvb("add", "-d", "math", "-q", "What is pi?", "-a", "The ratio of a circle's circumference to its diameter.")
+    assert kvb.json("build", "--domain", "physics")["built"] == 0
+    assert kvb.json("build", "--domain", "math")["built"] == 1
+
+
+def test_query_finds_pairs_and_json_contract(kvb: Kvdb):
+    res = kvb.json("query", "What is photosynthesis?")
+    assert set(res) == {"query", "confident", "matches"}
+    top = res["matches"][0]
+    assert set(top) >= {"hash", "domain", "question", "answer", "score", "metadata"}
+    assert top["question"] == "What is photosynthesis?" and top["score"] > 0.99 and res["confident"]
+    assert len(res["matches"]) == 3
+    res = kvb.json("query", "-k", "1", "How do plants make sugar from light?")
+    assert [m["question"] for m in res["matches"]] == ["What is photosynthesis?"]
+    res = kvb.json("query", "-k", "5", "--domain", "physics", "What is photosynthesis?")
+    assert {m["domain"] for m in res["matches"]} == {"physics"} and len(res["matches"]) == 2
+    off = kvb.json("query", "How long should I boil an egg?")
+    assert off["confident"] is False
+
+
+def test_query_file_one_line_each_in_order(kvb: Kvdb, tmp_path):
+    queries = ["What is entropy?", "Why is the sky blue?", "What is a prime number?"]
+    path = write_jsonl(tmp_path / "q.jsonl", [{"query": q, "id": i} for i, q in enumerate(queries)])
+    out = kvb("query", "--file", str(path), "--json").stdout.strip().splitlines()
+    assert [json.loads(line)["matches"][0]["question"] for line in out] == queries
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"query": "ok?"}\n{"q": 1}\n')
+    assert ":2: needs a non-empty 'query'" in kvb("query", "--file", str(bad), ok=False).stderr
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["   "], "the query is empty"),
+    (["x?", "--domain", "nope"], "no domain named 'nope'"),
+    ([], "give a QUESTION or --file"),
+])
+def test_query_bad_input(kvb: Kvdb, args, needle):
+    assert needle in kvb("query", *args, ok=False).stderr
+
+
+def test_query_before_build_is_a_clear_error(tmp_path, tiny_config):
+    kv = Kvdb(tmp_path / "h", tiny_config)
+    kv("add", "-d", "cs", "-q", "q?", "-a", "a.")
+    assert "run `kvdb build`" in kv("query", "q?", ok=False).stderr
+
+
+def test_removed_pair_leaves_search_and_added_pair_joins(kvb: Kvdb):
+    top = kvb.json("query", "What is entropy?")["matches"][0]
+    kvb("remove", top["hash"])
+    assert all(m["question"] != "What is entropy?" for m in kvb.json("query", "-k", "5", "What is entropy?")["matches"])
+    kvb("add", "-d", "cs", "-q", "What is a hash table?", "-a", "A map from keys to slots via a hash function.")
+    kvb("build")
+    assert kvb.json("query", "What is a hash table?")["matches"][0]["question"] == "What is a hash table?"
+
+
+def test_corrupt_index_is_rebuilt(kvb: Kvdb):
+    faiss_files = list((kvb.home / "index").rglob("index.faiss"))
+    assert faiss_files
+    data = bytearray(faiss_files[0].read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    faiss_files[0].write_bytes(bytes(data))
+    res = kvb("query", "--json", "What is entropy?")
+    assert json.loads(res.stdout)["matches"][0]["question"] == "What is entropy?"
+    assert "rebuilding it from the store" in res.stderr
+
+
+def test_export_import_round_trip(kvb: Kvdb, tmp_path, tiny_config):
+    files = kvb.json("export", "--out", str(tmp_path / "out"))
+    names = sorted(Path(f["path"]).name for f in files)
+    assert names == ["knowledge_cache.pth", "knowledge_cache_biology.pth", "knowledge_cache_math.pth",
+                     "knowledge_cache_physics.pth"]
+    merged = tmp_path / "out" / "knowledge_cache.pth"
+    obj = torch.load(merged, weights_only=True)
+    assert obj["format"] == "kvdb.knowledge_cache" and obj["model"]["layers"] == [3, 4]
+    assert [p["hash"] for p in obj["qa_pairs"]] == [r["hash"] for r in kvb.json("list")]
+    vectors = {r[0]: unpack(r[4], r[5], "t") for r in _vectors(kvb.home)}
+    for pair, ids, vecs, start in zip(obj["qa_pairs"], obj["token_ids"], obj["token_vectors"], obj["answer_starts"]):
+        assert torch.equal(ids, vectors[pair["hash"]]["token_ids"])
+        assert torch.equal(vecs["layer_3"], vectors[pair["hash"]]["layer_3"])
+        assert 0 < start < len(ids)
+    first = merged.read_bytes()
+    kvb("export", "--out", str(tmp_path / "out"))
+    assert merged.read_bytes() == first  # same store, same bytes
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temp files left
+    other = Kvdb(tmp_path / "h2", tiny_config)
+    report = other.json("import", str(merged))
+    assert report["added"] == len(PAIRS) and report["vectors"] == len(PAIRS)
+    assert other.json("import", str(merged))["added"] == 0
+    other("export", "--out", str(tmp_path / "out2"))
+    assert (tmp_path / "out2" / "knowledge_cache.pth").read_bytes() == first
+    assert other.json("build")["built"] == 0  # vectors were reused
+    only = kvb.json("export", "--domain", "math", "--out", str(tmp_path / "one"))
+    assert [Path(f["path"]).name for f in only] == ["knowledge_cache_math.pth"] and only[0]["pairs"] == 1
+
+
+def test_import_from_another_model_keeps_pairs_only(kvb: Kvdb, tmp_path, tiny_config):
+    kvb("export", "--out", str(tmp_path / "out"))
+    folder = make_model(tmp_path / "other", layers=4, hidden=64, seed=1)
+    cfg = tmp_path / "other.yaml"
+    cfg.write_text(tiny_config.read_text().replace(str(load_config(tiny_config).model.source), str(folder)))
+    other = Kvdb(tmp_path / "h2", cfg)
+    report = other.json("import", str(tmp_path / "out" / "knowledge_cache.pth"))
+    assert report["added"] == len(PAIRS) and report["vectors"] == 0 and "another model" in report["vectors_skipped_reason"]
+    assert other.json("build")["built"] == len(PAIRS)
+
+
+def test_hostile_or_foreign_pth_is_refused(kvb: Kvdb, tmp_path):
+    sentinel = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {sentinel}",))
+
+    evil = tmp_path / "evil.pth"
+    with open(evil, "wb") as f:
+        pickle.dump({"format": "kvdb.knowledge_cache", "x": Evil()}, f)
+    torch.save({"format": "kvdb.knowledge_cache", "version": 1, "payload": Evil()}, tmp_path / "evil_zip.pth")
+    torch.save({"some": torch.zeros(2)}, tmp_path / "foreign.pth")
+    (tmp_path / "trunc.pth").write_bytes((kvb.home / "kvdb.sqlite").read_bytes()[:100])
+    before = kvb.count()
+    for name, needle in [("evil.pth", "not"), ("evil_zip.pth", "not a safe kvdb cache"),
+                         ("foreign.pth", "not a kvdb knowledge cache"), ("trunc.pth", "not a readable kvdb cache"),
+                         ("missing.pth", "does not exist")]:
+        res = kvb("import", str(tmp_path / name), ok=False)
+        assert needle in res.stderr, (name, res.stderr)
+    assert not sentinel.exists()
+    assert kvb.count() == before
+
+
+def test_export_errors(kvb: Kvdb, tmp_path, tiny_config):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")  # a folder cannot be made under a file, even by root
+    assert "cannot create the export folder" in kvb("export", "--out", str(blocker / "sub"), ok=False).stderr
+    fresh = Kvdb(tmp_path / "fresh", tiny_config)
+    fresh("add", "-d", "cs", "-q", "q?", "-a", "a.")
+    assert "run `kvdb build` first" in fresh("export", ok=False).stderr
+    assert "no domain named" in kvb("export", "--domain", "nope", ok=False).stderr
+
+
+def test_compare(kvb: Kvdb):
+    same = kvb.json("compare", "Plants make sugar from light.", "Plants make sugar from light.")
+    assert same["exact"] and same["cosine"] > 0.999 and same["token_f1"] == 1.0
+    diff = kvb.json("compare", "Plants make sugar from light.", "The stock market fell today.")
+    assert diff["cosine"] < 0.5 and diff["token_f1"] == 0.0
+    assert "non-empty" in kvb("compare", "", "x", ok=False).stderr
+
+
+def test_fingerprint_ignores_dtype(tiny_config, tmp_path):
+    cfg = load_config(tiny_config)
+    home = Home.resolve(tmp_path)
+    a = load_model(cfg.model, home, dtype="float32")
+    b = load_model(cfg.model, home, dtype="bfloat16")
+    assert a.fingerprint == b.fingerprint and b.dtype == torch.bfloat16
+
+
+def test_rerank_reorders_candidates_by_model_score(kvb: Kvdb, tiny_config):
+    from kvdb.retrieve import Retriever
+
+    rt = Runtime.open(kvb.home, tiny_config)
+    plain = Retriever(rt.config, rt.home, rt.store, rerank=False).search(["How do plants make sugar?"], 5)[0]
+    reranked = Retriever(rt.config, rt.home, rt.store, rerank=True).search(["How do plants make sugar?"], 5)[0]
+    assert {m.hash for m in reranked.matches} == {m.hash for m in plain.matches}
+    scores = [m.score for m in reranked.matches]
+    assert scores == sorted(scores, reverse=True)
+    assert scores != [m.score for m in plain.matches]  # the model's PMI moved them
