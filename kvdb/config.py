@@ -72,11 +72,11 @@ class IndexConfig:
     # Re-rank the best embedding candidates with the base model (query likelihood); see kvdb/rerank.py.
     rerank: bool = True
     rerank_candidates: int = 5
-    rerank_weight: float = 1.0
+    rerank_weight: float = 0.5
     # Score the best match must reach to be called confident: with rerank, cosine + weight * PMI; without, the
     # cosine alone. Both calibrated by benchmarks/eval_retrieval.py (see README).
-    confident_threshold: float = 0.5
-    confident_threshold_no_rerank: float = 0.6
+    confident_threshold: float = 1.45
+    confident_threshold_no_rerank: float = 0.86
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,11 @@ class TrainingConfig:
     # loss (a weight of 0 turns it off).
     feature_loss_weight: float = 0.0
     # Batch size of the base model's greedy answers (data preparation).
-    answer_batch_size: int = 8
+    answer_batch_size: int = 16
+    # Re-rank the training questions' references with the base model as `kvdb query` does (index.rerank). Off by
+    # default: re-ranking every training question costs more than answering it, and the draft learns to read
+    # whichever pairs it is given.
+    rerank_references: bool = False
 
 
 @dataclass(frozen=True)
