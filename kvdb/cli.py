@@ -311,16 +311,27 @@ def _read_queries(path: str) -> list[str]:
 @click.option("--file", "-f", "path", metavar="FILE", help="JSONL of {\"query\": ...} objects (or -); one result a line.")
 @click.option("--top-k", "-k", type=click.IntRange(1, 1000), default=None, help="Pairs to return [config index.top_k].")
 @click.option("--domain", "-d", default=None, help="Search only this domain.")
+@click.option("--generate", "-g", is_flag=True, help="Answer with the base model (speculative, lossless).")
+@click.option("--max-new-tokens", "-n", type=int, default=None, help="With --generate: answer length cap [config].")
+@click.option("--draft", "draft_path", type=click.Path(dir_okay=False), default=None,
+              help="With --generate: draft checkpoint [best one in KVDB_HOME/checkpoints].")
+@click.option("--no-draft", is_flag=True, help="With --generate: do not use a learned draft (copying only).")
 @json_option
 @click.pass_context
-def query(ctx, question, path, top_k, domain, as_json) -> None:
-    """Find the pairs that best answer QUESTION (or each query of --file)."""
+def query(ctx, question, path, top_k, domain, generate, max_new_tokens, draft_path, no_draft, as_json) -> None:
+    """Find the pairs that best answer QUESTION (or each query of --file); --generate answers it."""
     from kvdb.retrieve import Retriever
 
     if (question is None) == (path is None):
         raise click.UsageError("give a QUESTION or --file, not both")
+    if not generate and (max_new_tokens is not None or draft_path or no_draft):
+        raise click.UsageError("--max-new-tokens, --draft and --no-draft go with --generate")
     rt = _rt(ctx)
     queries = [question] if path is None else _read_queries(path)
+    if generate:
+        _generate(rt, queries, path is not None, top_k, _domain_arg(domain), max_new_tokens, draft_path, no_draft,
+                  as_json)
+        return
     retriever = Retriever(rt.config, rt.home, rt.store)
     results = retriever.search(queries, top_k, _domain_arg(domain))
     retriever.flush_notices()
@@ -330,11 +341,54 @@ def query(ctx, question, path, top_k, domain, as_json) -> None:
             continue
         if path:
             click.echo(f"? {result.query}")
-        flag = "" if result.confident else "  (no confident match)"
-        for rank, m in enumerate(result.matches, 1):
-            click.echo(f"{rank}. [{m.score:.3f}] {m.hash[:12]} {m.domain}: {_one_line(m.question, 80)}{flag if rank == 1 else ''}")
-            if rank == 1:
-                click.echo(f"   {_one_line(m.answer, 200)}")
+        _print_matches(result)
+
+
+def _print_matches(result, answer_lines: bool = True) -> None:
+    flag = "" if result.confident else "  (no confident match)"
+    for rank, m in enumerate(result.matches, 1):
+        click.echo(f"{rank}. [{m.score:.3f}] {m.hash[:12]} {m.domain}: {_one_line(m.question, 80)}"
+                   f"{flag if rank == 1 else ''}")
+        if rank == 1 and answer_lines:
+            click.echo(f"   {_one_line(m.answer, 200)}")
+
+
+class _Streamer:
+    """Prints decoded text as tokens are accepted (decoding the whole answer each time keeps multi-byte
+    characters and tokenizer spacing right)."""
+
+    def __init__(self, lm):
+        self.lm, self.ids, self.shown = lm, [], ""
+
+    def __call__(self, tokens: list[int]) -> None:
+        self.ids += tokens
+        text = self.lm.decode(self.ids)
+        if text.startswith(self.shown) and not text.endswith("\ufffd"):
+            click.echo(text[len(self.shown):], nl=False)
+            self.shown = text
+
+
+def _generate(rt, queries, many, top_k, domain, max_new_tokens, draft_path, no_draft, as_json) -> None:
+    from kvdb.answer import Answerer
+
+    answerer = Answerer(rt, draft_path=draft_path, use_draft=not no_draft)
+    answerer.flush_notices()
+    for q in queries:
+        if as_json:
+            result = answerer.answer(q, max_new_tokens, top_k, domain)
+            answerer.flush_notices()
+            emit_json(result.as_dict(), indent=None if many else 2)
+            continue
+        if many:
+            click.echo(f"? {q}")
+        streamer = _Streamer(answerer.lm)
+        result = answerer.answer(q, max_new_tokens, top_k, domain, on_tokens=streamer)
+        click.echo()
+        s = result.stats
+        click.echo(f"[{s['new_tokens']} tokens in {s['seconds']:.2f}s, {s['verify_steps']} verify steps, "
+                   f"{s['accepted']}/{s['drafted']} drafted tokens accepted; reference: "
+                   f"{result.result.matches[0].question if result.result.matches else 'none'}]", err=True)
+        answerer.flush_notices()
 
 
 @cli.command()
