@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvdb.decode import CopySource, ExactAnswerSource, speculative_generate
+from kvdb.decode import CopySource, DraftPolicy, ExactAnswerSource, speculative_generate
 from kvdb.errors import ForeignFileError, KvdbError, ValidationError
 from kvdb.lm import LM, load_model
 from kvdb.prompt import Reference, prompt_ids
@@ -98,7 +98,7 @@ class Answerer:
             sources.append(ExactAnswerSource(ids, request.output))
         copies = [self.lm.encode(m.answer) for m in result.matches]
         copies += self._recorded_answers([m.hash for m in result.matches])
-        sources.append(CopySource(copies))
+        sources.append(CopySource(copies, search_context=True))  # the prompt holds the references too
         if self.draft is not None and result.matches:
             from kvdb.draft import LearnedDraftSource, load_knowledge
 
@@ -135,7 +135,8 @@ class Answerer:
         self._check_limits(ids, max_new_tokens)
         book = AnswerBook(self.rt, self.lm, max_new_tokens, replace_stored=False)
         sources = self.sources(ids, result, query, max_new_tokens, book)
-        generated = speculative_generate(self.lm.model, ids, max_new_tokens, self.lm.eos_ids, sources,
+        policy = DraftPolicy(max_draft=self.rt.config.generation.max_draft_tokens)
+        generated = speculative_generate(self.lm.model, ids, max_new_tokens, self.lm.eos_ids, sources, policy,
                                          on_tokens=on_tokens)
         if record and not any(isinstance(s, ExactAnswerSource) for s in sources):
             top = result.matches[0] if result.matches else None
