@@ -129,7 +129,8 @@ class Answerer:
                record: bool = True) -> Answer:
         from kvdb.train import AnswerBook, AnswerRequest
 
-        max_new_tokens = max_new_tokens or self.rt.config.generation.max_new_tokens
+        if max_new_tokens is None:
+            max_new_tokens = self.rt.config.generation.max_new_tokens
         (result,) = self.retriever.search([query], top_k, domain)
         ids = prompt_ids(self.lm, query, [Reference(m.question, m.answer) for m in result.matches])
         self._check_limits(ids, max_new_tokens)

@@ -297,3 +297,28 @@ def test_rerank_reorders_candidates_by_model_score(kvb: Kvdb, tiny_config):
     scores = [m.score for m in reranked.matches]
     assert scores == sorted(scores, reverse=True)
     assert scores != [m.score for m in plain.matches]  # the model's PMI moved them
+
+
+def test_generate_is_lossless_and_records_answers(kvb: Kvdb, tiny_config):
+    rt = Runtime.open(kvb.home, tiny_config)
+    lm = load_model(rt.config.model, rt.home)
+    questions = ["What is entropy?", "How do plants make sugar?", "Why is the sky blue?"]
+    for q in questions:
+        first = kvb.json("query", "--generate", "-n", "24", q)
+        assert set(first) >= {"query", "confident", "matches", "answer", "prompt_ids", "output_ids", "stats"}
+        assert set(first["stats"]) >= {"seconds", "new_tokens", "verify_steps", "drafted", "accepted"}
+        want = lm.model.generate(torch.tensor([first["prompt_ids"]]), do_sample=False, max_new_tokens=24)
+        assert first["output_ids"] == want[0, len(first["prompt_ids"]):].tolist()
+        assert first["answer"] == lm.decode(first["output_ids"])
+    # The stored question asked again: its recorded answer is the draft, verified in far fewer steps.
+    again = kvb.json("query", "--generate", "-n", "24", "What is entropy?")
+    assert again["output_ids"] == kvb.json("query", "--generate", "-n", "24", "What is entropy?")["output_ids"]
+    assert again["stats"]["verify_steps"] < again["stats"]["new_tokens"] // 2
+
+
+def test_generate_bad_input(kvb: Kvdb):
+    assert "between 1 and 4096" in kvb("query", "--generate", "-n", "0", "What is entropy?", ok=False).stderr
+    assert "go with --generate" in kvb("query", "-n", "5", "What is entropy?", ok=False).stderr
+    assert "does not exist" in kvb("query", "--generate", "--draft", "/nope.pth", "x?", ok=False).stderr
+    long_q = "word " * 1900
+    assert "exceeds the model's context" in kvb("query", "--generate", "-n", "200", long_q, ok=False).stderr
