@@ -448,6 +448,32 @@ def compare(ctx, text_a, text_b, as_json) -> None:
                f"exact {'yes' if result['exact'] else 'no'}  ({result['embedder']})")
 
 
+# -- training ---------------------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--epochs", type=click.IntRange(1, 10_000), default=None, help="Epochs [config training.num_epochs].")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=None, help="Batch size [config].")
+@click.option("--lr", type=click.FloatRange(0, 1, min_open=True), default=None, help="Learning rate [config].")
+@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in the output folder.")
+@click.option("--cache", type=click.Path(dir_okay=False), default=None,
+              help="Train from an exported knowledge_cache.pth instead of the store.")
+@click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
+              help="Checkpoint folder [KVDB_HOME/checkpoints].")
+@click.option("--eval-only", is_flag=True, help="Only measure the draft (best checkpoint, or untrained) on held-out data.")
+@json_option
+@click.pass_context
+def train(ctx, epochs, batch_size, lr, resume, cache, out, eval_only, as_json) -> None:
+    """Train the knowledge-aware draft model on the base model's own answers; save best and periodic checkpoints."""
+    from kvdb.train import train as run_training
+
+    rt = _rt(ctx)
+    result = run_training(rt, epochs=epochs, batch_size=batch_size, lr=lr, resume=resume, cache=cache, out=out,
+                          eval_only=eval_only, progress=_show_progress(as_json))
+    if as_json:
+        emit_json(result)
+        return
+    click.echo(json.dumps(result, indent=2, ensure_ascii=False, default=str))
+
+
 # -- schema ---------------------------------------------------------------------------------------------------
 @cli.group(cls=KvdbGroup)
 def db() -> None:

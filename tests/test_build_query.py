@@ -322,3 +322,19 @@ def test_generate_bad_input(kvb: Kvdb):
     assert "does not exist" in kvb("query", "--generate", "--draft", "/nope.pth", "x?", ok=False).stderr
     long_q = "word " * 1900
     assert "exceeds the model's context" in kvb("query", "--generate", "-n", "200", long_q, ok=False).stderr
+
+
+def test_train_cli_then_generate_with_the_draft_stays_lossless(kvb: Kvdb, tiny_config, tmp_path):
+    result = kvb.json("train", "--epochs", "2")
+    ckpts = sorted(p.name for p in (kvb.home / "checkpoints").glob("*.pth"))
+    assert any(n.startswith("best_draft_model_epoch") for n in ckpts), ckpts
+    best = next((kvb.home / "checkpoints").glob("best_draft_model_epoch*.pth"))
+    payload = torch.load(best, weights_only=True)
+    assert isinstance(payload, dict) and result
+    rt = Runtime.open(kvb.home, tiny_config)
+    lm = load_model(rt.config.model, rt.home)
+    out = kvb.json("query", "--generate", "-n", "16", "How do plants make sugar?")
+    assert out["draft"] and out["draft"].endswith(".pth")
+    want = lm.model.generate(torch.tensor([out["prompt_ids"]]), do_sample=False, max_new_tokens=16)
+    assert out["output_ids"] == want[0, len(out["prompt_ids"]):].tolist()
+    assert "does not exist" in kvb("train", "--cache", str(tmp_path / "missing.pth"), ok=False).stderr

@@ -1,0 +1,1153 @@
+"""`kvdb train`: distil the base model into the knowledge-aware draft (kvdb.draft), and measure it offline.
+
+Data, in order (``prepare``):
+1. pairs and their stored vectors, from the store (``PairVectors`` of the current model) or an exported cache;
+2. questions: each pair's question, plus its ``metadata["variants"]`` rephrasings (``training.use_variants``);
+3. references per question: what retrieval returns for it (``references_for``), plus optional extra contexts
+   (``training.contexts_per_question``: the question's own pair among random others);
+4. targets: the base model's greedy answer under exactly the prompt `kvdb query --generate` builds
+   (kvdb.prompt). Answers to a pair's own question are kept in the store (``base_answers``); the rest in a JSON file
+   under ``KVDB_HOME/checkpoints/base_answers/``, both keyed by the exact prompt ids, so a rerun computes nothing;
+5. inputs of the trained layers: the frozen first layers run once over prompt + answer.
+
+Training minimises the cross-entropy of the draft's logits (over the draft vocabulary) against the base model's
+greedy tokens on the answer positions. That is the EAGLE recipe without feature regression by default
+(``training.feature_loss_weight`` adds it). Unrolling the draft over its own outputs (EAGLE-3) buys nothing here:
+the draft reads tokens, never its own features, so along an accepted prefix its inputs are exactly the teacher-forced
+ones.
+
+Metrics (``evaluate``), on the held-out pairs' questions (split by pair, so held-out answers and knowledge were never
+trained on): top-1 agreement with the base model along its own greedy continuation, and Leviathan et al.'s
+expected tokens per verify step for draft lengths 1, 2, 4, 8, simulated exactly from the agreement pattern (with
+greedy acceptance a drafted block is accepted up to its first disagreement, and before it the draft saw the
+teacher-forced prefix). The untrained early exit (first n layers, final norm, full head) is reported beside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from kvdb.config import Config, DraftConfig
+from kvdb.draft import (
+    DraftModel,
+    Knowledge,
+    KnowledgeBatch,
+    PairKnowledge,
+    check_compatible,
+    draft_config_from,
+    read_checkpoint,
+    save_checkpoint,
+)
+from kvdb.errors import (
+    CorruptError,
+    ForeignFileError,
+    KvdbError,
+    NotBuiltError,
+    NotFoundError,
+    StoreError,
+    ValidationError,
+)
+from kvdb.fileio import atomic_write_bytes
+from kvdb.prompt import PROMPT_FORMAT, Reference, prompt_ids
+
+CACHE_FORMAT = "kvdb.knowledge_cache"
+DRAFT_LENGTHS = (1, 2, 4, 8)
+LOG_FILE = "train_log.json"
+PLOT_FILE = "train_curves.png"
+LAST_FILE = "draft_model_last.pth"
+GAIN_LR_FACTOR = 30.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# source data
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HashedReference(Reference):
+    """A reference with the hash of the pair it came from (so the draft can read that pair's vectors)."""
+
+    hash: str = ""
+
+
+@dataclass
+class SourcePair:
+    hash: str
+    domain: str
+    question: str
+    answer: str
+    variants: list[str]
+    in_store: bool = True
+
+
+@dataclass
+class Sources:
+    """What training reads: pairs, their knowledge slots (by hash), where they came from."""
+
+    pairs: list[SourcePair]
+    knowledge: dict[str, PairKnowledge]
+    origin: str  # "store" or the cache path
+    skipped: int = 0  # pairs without vectors for this model
+
+
+def _variants(meta: Any) -> list[str]:
+    v = (meta or {}).get("variants") if isinstance(meta, dict) else None
+    return [x for x in v if isinstance(x, str) and x.strip()] if isinstance(v, list) else []
+
+
+def load_store_sources(runtime, fingerprint: str, key_layer: int, value_layer: int) -> Sources:
+    """The store's pairs that have vectors for ``fingerprint``; refuses an empty or unbuilt store."""
+    from sqlalchemy import select
+
+    from kvdb.store.blobs import unpack
+    from kvdb.store.models import Pair, PairVectors
+
+    with runtime.store.read() as session:
+        rows = session.scalars(select(Pair).order_by(Pair.id)).all()
+        if not rows:
+            raise NotBuiltError("the store has no pairs: add some (`kvdb add`, or `kvdb init --examples`), run "
+                                "`kvdb build`, then train")
+        vec_rows = {r.pair_hash: r for r in session.scalars(
+            select(PairVectors).where(PairVectors.fingerprint == fingerprint))}
+        if not vec_rows:
+            raise NotBuiltError("no pair has vectors for the current model; run `kvdb build` first (the store was "
+                                "built for another model, or not built at all)")
+        pairs, knowledge = [], {}
+        for r in rows:
+            v = vec_rows.get(r.hash)
+            if v is None:
+                continue
+            tensors = unpack(v.data, v.checksum, f"vectors of pair {r.hash[:12]}")
+            knowledge[r.hash] = PairKnowledge.from_vectors(r.hash, tensors, v.answer_start, key_layer, value_layer)
+            pairs.append(SourcePair(r.hash, r.domain.name, r.question, r.answer, _variants(r.meta)))
+    return Sources(pairs, knowledge, "store", skipped=len(rows) - len(pairs))
+
+
+def _load_cache_file(path: Path) -> dict[str, Any]:
+    """The cache as a dict, via kvdb.export's reader (which checks format and version) when it is there."""
+    try:
+        from kvdb.export import load_cache
+    except ImportError:
+        load_cache = None
+    if load_cache is not None:
+        return load_cache(path)
+    import pickle
+    import zipfile
+
+    if not path.is_file():
+        raise NotFoundError(f"cache file {path} does not exist; write one with `kvdb export`")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError):
+        raise ForeignFileError(f"{path} is not a kvdb knowledge cache (it cannot be read as one); write one with "
+                               "`kvdb export`") from None
+    if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT:
+        raise ForeignFileError(f"{path} is not a kvdb knowledge cache; write one with `kvdb export`")
+    return data
+
+
+def read_cache(path: str | os.PathLike, fingerprint: str, key_layer: int, value_layer: int,
+               store_hashes: set[str] | None = None) -> Sources:
+    """Read an exported ``knowledge_cache*.pth`` defensively (all layout knowledge of the export lives here)."""
+    path = Path(path)
+    data = _load_cache_file(path)
+    model = data.get("model") or {}
+    if not isinstance(model, dict) or model.get("fingerprint") != fingerprint:
+        name = model.get("name", "another model") if isinstance(model, dict) else "another model"
+        raise ForeignFileError(f"{path} was exported for {name}, not the current model; export it again with the "
+                               "current model (`kvdb build` then `kvdb export`)")
+    try:
+        qa = list(data["qa_pairs"])
+        ids = list(data["token_ids"])
+        starts = [int(s) for s in data["answer_starts"]]
+        vectors = data["token_vectors"]
+    except (KeyError, TypeError, ValueError):
+        raise CorruptError(f"{path} lacks qa_pairs, token_ids, token_vectors or answer_starts; export it again") \
+            from None
+    n = len(qa)
+    if isinstance(vectors, dict):  # {layer: [tensor per pair]} -> [{layer_L: tensor}]
+        per_pair = [{} for _ in range(n)]
+        for layer, items in vectors.items():
+            name = str(layer) if str(layer).startswith("layer_") else f"layer_{layer}"
+            for i, t in enumerate(list(items)[:n]):
+                per_pair[i][name] = t
+        vectors = per_pair
+    vectors = list(vectors)
+    if not (len(ids) == len(starts) == len(vectors) == n):
+        raise CorruptError(f"{path} has {n} pairs but {len(ids)} token lists, {len(vectors)} vector sets and "
+                           f"{len(starts)} answer starts; export it again")
+    pairs, knowledge = [], {}
+    for i, item in enumerate(qa):
+        if not isinstance(item, dict) or not all(isinstance(item.get(k), str) for k in ("hash", "question", "answer")):
+            raise CorruptError(f"{path}: pair {i} lacks hash, question or answer; export it again")
+        tensors = {str(k): v for k, v in dict(vectors[i]).items() if isinstance(v, torch.Tensor)}
+        tensors["token_ids"] = torch.as_tensor(ids[i])
+        h = item["hash"]
+        knowledge[h] = PairKnowledge.from_vectors(h, tensors, starts[i], key_layer, value_layer)
+        pairs.append(SourcePair(h, str(item.get("domain", "")), item["question"], item["answer"],
+                                _variants(item.get("metadata")), in_store=h in (store_hashes or set())))
+    if not pairs:
+        raise NotBuiltError(f"{path} holds no pairs; export a cache of a built store")
+    return Sources(pairs, knowledge, str(path))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# references (retrieval)
+# ---------------------------------------------------------------------------------------------------------------
+
+ReferencesFor = Callable[[str], Sequence[HashedReference]]
+
+
+class EmbeddingReferences:
+    """A stand-in retriever: cosine of the question's embedding to each pair's question and variants (best field)."""
+
+    def __init__(self, pairs: Sequence[SourcePair], embedder, k: int):
+        import numpy as np
+
+        self.pairs = list(pairs)
+        self.k = k
+        self.embedder = embedder
+        texts, owner = [], []
+        for i, p in enumerate(self.pairs):
+            for t in [p.question, *p.variants]:
+                texts.append(t)
+                owner.append(i)
+        self.matrix = embedder.embed(texts) if texts else np.zeros((0, 1), np.float32)
+        self.owner = np.array(owner, dtype=np.int64)
+        self._memo: dict[str, list[HashedReference]] = {}
+
+    def prime(self, questions: Sequence[str]) -> None:
+        """Embed many questions in one batch."""
+        import numpy as np
+
+        todo = [q for q in dict.fromkeys(questions) if q not in self._memo]
+        if not todo:
+            return
+        scores = self.embedder.embed(todo) @ self.matrix.T  # [Q, F]
+        for q, row in zip(todo, scores):
+            best = np.full(len(self.pairs), -np.inf)
+            np.maximum.at(best, self.owner, row)
+            top = np.argsort(-best)[: self.k]
+            self._memo[q] = [HashedReference(self.pairs[j].question, self.pairs[j].answer, self.pairs[j].hash)
+                             for j in top]
+
+    def __call__(self, question: str) -> list[HashedReference]:
+        self.prime([question])
+        return self._memo[question]
+
+
+class RetrieverReferences:
+    """The real retriever (kvdb.retrieve), as generation uses it (re-ranking optional: see TrainingConfig)."""
+
+    def __init__(self, retriever, k: int):
+        self.retriever = retriever
+        self.k = k
+        self._memo: dict[str, list[HashedReference]] = {}
+
+    def prime(self, questions: Sequence[str]) -> None:
+        todo = [q for q in dict.fromkeys(questions) if q not in self._memo]
+        for i in range(0, len(todo), 64):
+            chunk = todo[i : i + 64]
+            results = self.retriever.search(chunk, self.k)
+            for q, res in zip(chunk, results):
+                matches = getattr(res, "matches", res)
+                self._memo[q] = [HashedReference(m.question, m.answer, m.hash) for m in matches][: self.k]
+
+    def __call__(self, question: str) -> list[HashedReference]:
+        self.prime([question])
+        return self._memo[question]
+
+
+def default_references(runtime, lm, sources: Sources, k: int, rerank: bool | None = None) -> ReferencesFor:
+    """What generation will use: kvdb.retrieve over the store when it is there (``rerank`` None: as configured),
+    else the embedding stand-in (always the stand-in for a cache file, whose pairs need not be in the store)."""
+    from kvdb.embed import load_embedder, resolve_embedder
+
+    if sources.origin == "store":
+        try:
+            from kvdb.retrieve import Retriever
+
+            kwargs = {} if rerank is None else {"rerank": rerank}
+            refs = RetrieverReferences(Retriever(runtime.config, runtime.home, runtime.store,
+                                                 model_fingerprint=lm.fingerprint, lm=lm, **kwargs), k)
+            refs.prime([sources.pairs[0].question])  # fail here, not mid-way, if its API is not what we expect
+            return refs
+        except (ImportError, AttributeError, TypeError):
+            pass
+    ref = resolve_embedder(runtime.config.embedder, runtime.home, lm.fingerprint)
+    embedder = load_embedder(ref, runtime.config.embedder, lm=lm if ref.source == "base-mean" else None,
+                             device=runtime.config.model.device)
+    return EmbeddingReferences(sources.pairs, embedder, k)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# base-model answers (distillation targets), computed once
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AnswerRequest:
+    prompt: list[int]
+    pair_hash: str | None = None  # set for a pair's own question with retrieval's references: kept in the store
+    output: list[int] | None = None
+    group: Any = None  # requests of one group share their prompt's prefix (same references): run it once
+
+
+def _prompt_key(prompt: Sequence[int]) -> str:
+    return hashlib.sha256(json.dumps(list(prompt)).encode()).hexdigest()
+
+
+class AnswerBook:
+    """The base model's greedy answers, keyed by the exact prompt ids (a prompt holds the question and references).
+
+    A pair's own question goes to the store's ``base_answers`` (pair hash, model fingerprint, prompt format), where
+    the generation engine can reuse it; every other prompt (variants, extra contexts, pairs only in a cache file) to
+    a JSON file under the home. An answer recorded with a larger ``max_new_tokens``, or that finished, serves any
+    smaller limit.
+    """
+
+    def __init__(self, runtime, lm, max_new_tokens: int, replace_stored: bool = True):
+        self.runtime = runtime
+        self.lm = lm
+        self.max_new_tokens = max_new_tokens
+        # False: a stored row for another prompt of the pair (e.g. recorded with re-ranked references) is kept, and
+        # this prompt's answer goes to the file instead, so two callers never overwrite each other's rows in turn.
+        self.replace_stored = replace_stored
+        self.path = runtime.home.checkpoints_dir / "base_answers" / f"{lm.fingerprint[:16]}-{PROMPT_FORMAT}.json"
+        self._file: dict[str, dict] | None = None
+
+    def _load_file(self) -> dict[str, dict]:
+        if self._file is None:
+            try:
+                data = json.loads(self.path.read_text())
+                self._file = data if isinstance(data, dict) else {}
+            except (OSError, ValueError):
+                self._file = {}
+        return self._file
+
+    def _usable(self, output: list[int], finished: bool, limit: int) -> list[int] | None:
+        if finished or limit >= self.max_new_tokens:
+            return output[: self.max_new_tokens]
+        return None
+
+    def lookup(self, requests: Sequence[AnswerRequest]) -> None:
+        from sqlalchemy import select
+
+        from kvdb.store.blobs import unpack
+        from kvdb.store.models import BaseAnswer
+
+        stored = [r for r in requests if r.pair_hash]
+        if stored:
+            with self.runtime.store.read() as session:
+                rows = {row.pair_hash: row for row in session.scalars(select(BaseAnswer).where(
+                    BaseAnswer.fingerprint == self.lm.fingerprint, BaseAnswer.prompt_format == PROMPT_FORMAT,
+                    BaseAnswer.pair_hash.in_([r.pair_hash for r in stored])))}
+            for r in stored:
+                row = rows.get(r.pair_hash)
+                if row is None:
+                    continue
+                try:
+                    t = unpack(row.data, row.checksum, f"base answer of pair {r.pair_hash[:12]}")
+                except CorruptError:
+                    continue  # recomputed and replaced below
+                if t["prompt_ids"].tolist() == r.prompt:
+                    r.output = self._usable(t["output_ids"].tolist(), row.finished, row.max_new_tokens)
+                elif not self.replace_stored:
+                    r.pair_hash = None
+        book = self._load_file()
+        for r in requests:
+            if r.output is None and not r.pair_hash:
+                entry = book.get(_prompt_key(r.prompt))
+                if isinstance(entry, dict) and isinstance(entry.get("output"), list):
+                    r.output = self._usable(entry["output"], bool(entry.get("finished")),
+                                            int(entry.get("max_new_tokens", 0)))
+
+    def record(self, requests: Sequence[AnswerRequest]) -> None:
+        """Store the answers of ``requests`` (their ``output`` set): one transaction, then the file atomically."""
+        from sqlalchemy import delete
+
+        from kvdb.store.blobs import pack
+        from kvdb.store.models import BaseAnswer, ModelInfo, Pair
+
+        eos = set(self.lm.eos_ids)
+        stored = [r for r in requests if r.pair_hash and r.output is not None]
+        if stored:
+            with self.runtime.store.write() as session:
+                from sqlalchemy import select
+
+                alive = set(session.scalars(select(Pair.hash).where(Pair.hash.in_([r.pair_hash for r in stored]))))
+                if session.get(ModelInfo, self.lm.fingerprint) is None:
+                    session.add(ModelInfo(fingerprint=self.lm.fingerprint, name=self.lm.ref.name,
+                                          source=self.lm.ref.source, hidden_size=self.lm.hidden_size,
+                                          num_layers=self.lm.num_layers, info=self.lm.describe()))
+                    session.flush()
+                for r in stored:
+                    if r.pair_hash not in alive:
+                        continue
+                    session.execute(delete(BaseAnswer).where(
+                        BaseAnswer.pair_hash == r.pair_hash, BaseAnswer.fingerprint == self.lm.fingerprint,
+                        BaseAnswer.prompt_format == PROMPT_FORMAT))
+                    data, digest = pack({"prompt_ids": torch.tensor(r.prompt, dtype=torch.int32),
+                                         "output_ids": torch.tensor(r.output, dtype=torch.int32)})
+                    session.add(BaseAnswer(pair_hash=r.pair_hash, fingerprint=self.lm.fingerprint,
+                                           prompt_format=PROMPT_FORMAT, max_new_tokens=self.max_new_tokens,
+                                           finished=bool(r.output) and r.output[-1] in eos,
+                                           text=self.lm.decode(r.output), data=data, checksum=digest))
+        rest = [r for r in requests if not r.pair_hash and r.output is not None]
+        if rest:
+            book = self._load_file()
+            for r in rest:
+                book[_prompt_key(r.prompt)] = {"output": r.output, "max_new_tokens": self.max_new_tokens,
+                                               "finished": bool(r.output) and r.output[-1] in eos}
+            try:
+                atomic_write_bytes(self.path, json.dumps(book).encode())
+            except OSError as exc:
+                raise StoreError(f"cannot write {self.path}: {exc.strerror or exc}; check that the home is "
+                                 "writable") from None
+
+
+def _common_prefix(prompts: Sequence[Sequence[int]]) -> int:
+    n = min(len(p) for p in prompts)
+    first = prompts[0]
+    for i in range(n):
+        if any(p[i] != first[i] for p in prompts[1:]):
+            return i
+    return n
+
+
+def _new_cache(model):
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:
+        return DynamicCache()
+
+
+@torch.inference_mode()
+def greedy_grouped(lm, groups: Sequence[Sequence[Sequence[int]]], max_new_tokens: int) -> list[list[list[int]]]:
+    """Greedy answers (argmax every step, as ``generate(do_sample=False)``) of several groups of prompts; the
+    prompts of a group share a prefix (the system turn with its references), which is run once per group.
+
+    Layout of row r (a prompt of group g): ``[pad..][prefix_g][pad..][tail_r][answer..]`` with an attention mask
+    that hides the pads and positions that count real tokens only, so each row computes what it would alone.
+    Rows that finish are dropped from the batch as they go. Each answer ends at its first end-of-turn token.
+    """
+    model, dev = lm.model, lm.device
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.eos_ids[0]
+    eos = torch.tensor(sorted(set(lm.eos_ids)), device=dev)
+    cuts = [min(_common_prefix(g), min(len(p) for p in g) - 1) for g in groups]  # every row keeps a tail token
+    width = max(cuts)
+    ids = torch.full((len(groups), max(width, 1)), pad, dtype=torch.long)
+    mask = torch.zeros((len(groups), max(width, 1)), dtype=torch.long)
+    for i, (g, c) in enumerate(zip(groups, cuts)):
+        if c:
+            ids[i, width - c:] = torch.tensor(list(g[0][:c]))
+            mask[i, width - c:] = 1
+    ids, mask = ids.to(dev), mask.to(dev)
+    cache = _new_cache(model)
+    if width:
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1)
+    owner = torch.tensor([i for i, g in enumerate(groups) for _ in g], device=dev)
+    if width:
+        cache.batch_select_indices(owner)
+    mask = mask[owner]
+    tails = [p[c:] for g, c in zip(groups, cuts) for p in g]
+    span = max(len(t) for t in tails)
+    tail_ids = torch.full((len(tails), span), pad, dtype=torch.long)
+    tail_mask = torch.zeros((len(tails), span), dtype=torch.long)
+    for i, t in enumerate(tails):
+        tail_ids[i, span - len(t):] = torch.tensor(list(t))
+        tail_mask[i, span - len(t):] = 1
+    mask = torch.cat([mask, tail_mask.to(dev)], dim=-1) if width else tail_mask.to(dev)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=tail_ids.to(dev), attention_mask=mask, position_ids=pos[:, -span:], cache=cache,
+                   use_cache=True, logits_to_keep=1).logits[:, -1]
+    rows = torch.arange(len(tails), device=dev)  # which answer each live batch row belongs to
+    answers: list[list[int]] = [[] for _ in tails]
+    last_pos = pos[:, -1]
+    for step in range(max_new_tokens):
+        nxt = logits.argmax(-1)  # [B]
+        for r, t in zip(rows.tolist(), nxt.tolist()):
+            answers[r].append(t)
+        live = ~torch.isin(nxt, eos)
+        if step + 1 == max_new_tokens or not bool(live.any()):
+            break
+        if not bool(live.all()):
+            keep = live.nonzero().squeeze(-1)
+            cache.batch_select_indices(keep)
+            rows, nxt, mask, last_pos = rows[keep], nxt[keep], mask[keep], last_pos[keep]
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+        last_pos = last_pos + 1
+        logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last_pos[:, None], cache=cache,
+                       use_cache=True).logits[:, -1]
+    out, i = [], 0
+    for g in groups:
+        out.append(answers[i : i + len(g)])
+        i += len(g)
+    return out
+
+
+def compute_answers(book: AnswerBook, requests: Sequence[AnswerRequest], batch_size: int,
+                    progress: bool = False) -> dict[str, int]:
+    """Fill ``output`` of every request: reuse recorded answers, generate the rest (grouped by shared prompt prefix,
+    about ``batch_size`` rows a batch)."""
+    from tqdm import tqdm
+
+    book.lookup(requests)
+    todo = [r for r in requests if r.output is None]
+    groups: dict[Any, list[AnswerRequest]] = {}
+    for r in todo:
+        groups.setdefault(r.group if r.group is not None else id(r), []).append(r)
+    ordered = sorted(groups.values(), key=lambda g: max(len(r.prompt) for r in g))
+    reused = len(requests) - len(todo)
+    bar = tqdm(total=len(todo), unit="answer", desc="base answers", disable=not progress or not todo, leave=False,
+               dynamic_ncols=True)
+    try:
+        batch: list[list[AnswerRequest]] = []
+        for k, group in enumerate(ordered):
+            batch.append(group)
+            if sum(len(g) for g in batch) >= batch_size or k == len(ordered) - 1:
+                answers = greedy_grouped(book.lm, [[r.prompt for r in g] for g in batch], book.max_new_tokens)
+                for g, outs in zip(batch, answers):
+                    for r, out in zip(g, outs):
+                        r.output = out
+                done = [r for g in batch for r in g]
+                book.record(done)  # each batch is kept: an interrupted run resumes here
+                bar.update(len(done))
+                batch = []
+    finally:
+        bar.close()
+    return {"recorded": len(todo), "reused": reused}
+
+
+def record_base_answers(runtime, lm, references_for: ReferencesFor | None = None, hashes: Sequence[str] | None = None,
+                        batch_size: int | None = None, progress: bool = False) -> dict[str, Any]:
+    """Compute and store the base model's greedy answers to the store's pairs' own questions (missing ones only),
+    under the prompt `kvdb query --generate` builds: the question with its retrieved pairs as references."""
+    cfg = runtime.config
+    n = cfg.draft.num_sampled_layers
+    sources = load_store_sources(runtime, lm.fingerprint, n, lm.num_layers)
+    pairs = [p for p in sources.pairs if hashes is None or p.hash in set(hashes)]
+    refs = references_for or default_references(runtime, lm, sources, cfg.index.top_k)
+    if hasattr(refs, "prime"):
+        refs.prime([p.question for p in pairs])
+    requests = [AnswerRequest(prompt_ids(lm, p.question, list(refs(p.question))), pair_hash=p.hash) for p in pairs]
+    t0 = time.perf_counter()
+    book = AnswerBook(runtime, lm, cfg.generation.max_new_tokens)
+    counts = compute_answers(book, requests, batch_size or cfg.training.answer_batch_size, progress)
+    return {**counts, "pairs": len(pairs), "prompt_format": PROMPT_FORMAT, "seconds": time.perf_counter() - t0}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# examples
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Example:
+    pair: str  # hash of the pair the question is about
+    question: str
+    kind: str  # question | variant | context | external
+    refs: list[str]  # hashes of the reference pairs, in prompt order
+    prompt: list[int]
+    answer: list[int]  # the base model's greedy answer (targets)
+    states: torch.Tensor | None = None  # [L, H] input of the trained layers, L = len(prompt) + len(answer) - 1
+
+    @property
+    def ids(self) -> list[int]:
+        """What the draft reads: prompt + answer[:-1]."""
+        return self.prompt + self.answer[:-1]
+
+    @property
+    def first(self) -> int:
+        """Position whose output predicts answer[0]."""
+        return len(self.prompt) - 1
+
+
+@dataclass
+class Prepared:
+    train: list[Example]
+    heldout: list[Example]
+    knowledge: dict[str, PairKnowledge]
+    sources: Sources
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def split_pairs(hashes: Sequence[str], fraction: float, seed: int) -> set[str]:
+    """Held-out pair hashes: a seeded ``fraction`` of the pairs (at least one when there are two or more)."""
+    hashes = sorted(hashes)
+    if fraction <= 0 or len(hashes) < 2:
+        return set()
+    n = min(len(hashes) - 1, max(1, round(len(hashes) * fraction)))
+    return set(random.Random(seed).sample(hashes, n))
+
+
+def build_examples(lm, sources: Sources, references_for: ReferencesFor, tcfg,
+                   seed: int = 0) -> list[tuple[SourcePair, str, str, list[HashedReference]]]:
+    """(pair, question, kind, references) for every training question and context.
+
+    A pair's variants are asked with the references retrieved for its own question: the prompts of one pair then
+    share everything but the user turn, so the base model reads that long prefix once for all of them (it is most of
+    each prompt), and the own pair is first, as retrieval puts it for every question of the default set."""
+    rng = random.Random(seed)
+    if hasattr(references_for, "prime"):
+        references_for.prime([p.question for p in sources.pairs])
+    by_hash = {p.hash: p for p in sources.pairs}
+    out = []
+    for p in sources.pairs:
+        refs = list(references_for(p.question))
+        out.append((p, p.question, "question", refs))
+        if tcfg.use_variants:
+            out += [(p, v, "variant", refs) for v in p.variants]
+        for _ in range(max(0, tcfg.contexts_per_question - 1)):
+            others = [h for h in by_hash if h != p.hash]
+            picked = rng.sample(others, min(len(others), max(0, len(refs) - 1)))
+            ctx = [p.hash, *picked]
+            rng.shuffle(ctx)
+            refs_ctx = [HashedReference(by_hash[h].question, by_hash[h].answer, h) for h in ctx]
+            out += [(p, q, "context", refs_ctx) for q in [p.question, *(p.variants if tcfg.use_variants else [])]]
+    return out
+
+
+def prepare(runtime, lm, draft_cfg: DraftConfig, cache: str | os.PathLike | None = None,
+            references_for: ReferencesFor | None = None, extra_heldout: Sequence[dict] | None = None,
+            progress: bool = False) -> Prepared:
+    """Everything training needs, computed or reused: pairs, knowledge, base answers, split."""
+    from sqlalchemy import select
+
+    from kvdb.store.models import Pair
+
+    cfg: Config = runtime.config
+    tcfg = cfg.training
+    t0 = time.perf_counter()
+    key_layer, value_layer = draft_cfg.num_sampled_layers, lm.num_layers
+    if cache is not None:
+        with runtime.store.read() as session:
+            in_store = set(session.scalars(select(Pair.hash)))
+        sources = read_cache(cache, lm.fingerprint, key_layer, value_layer, in_store)
+    else:
+        sources = load_store_sources(runtime, lm.fingerprint, key_layer, value_layer)
+    refs_for = references_for or default_references(runtime, lm, sources, cfg.index.top_k,
+                                                    rerank=tcfg.rerank_references)
+    items = build_examples(lm, sources, refs_for, tcfg, seed=tcfg.seed)
+    heldout_pairs = split_pairs([p.hash for p in sources.pairs], tcfg.holdout_fraction, tcfg.seed)
+    extra = []
+    for row in extra_heldout or []:
+        q = row["question"]
+        extra.append((None, q, row.get("kind", "external"), list(refs_for(q)), row.get("pair")))
+    requests, meta = [], []
+    for p, q, kind, refs in items:
+        own = kind == "question" and p.in_store
+        requests.append(AnswerRequest(prompt_ids(lm, q, refs), pair_hash=p.hash if own else None,
+                                      group=tuple(r.hash for r in refs)))
+        meta.append((p.hash, q, kind, refs))
+    for _, q, kind, refs, pair in extra:
+        requests.append(AnswerRequest(prompt_ids(lm, q, refs), group=tuple(r.hash for r in refs)))
+        meta.append((pair or "", q, kind, refs))
+    t_ref = time.perf_counter()
+    book = AnswerBook(runtime, lm, cfg.generation.max_new_tokens, replace_stored=False)
+    counts = compute_answers(book, requests, tcfg.answer_batch_size, progress)
+    t_ans = time.perf_counter()
+    train, heldout = [], []
+    for r, (pair, q, kind, refs) in zip(requests, meta):
+        if not r.output:
+            continue
+        ex = Example(pair, q, kind, [x.hash for x in refs if x.hash in sources.knowledge], r.prompt, r.output)
+        (heldout if pair in heldout_pairs or kind == "external" or kind not in ("question", "variant", "context")
+         else train).append(ex)
+    if not train:
+        raise ValidationError("no training example is left after the held-out split; add pairs or lower "
+                              "training.holdout_fraction")
+    info = {"pairs": len(sources.pairs), "skipped_pairs": sources.skipped, "heldout_pairs": len(heldout_pairs),
+            "train_examples": len(train), "heldout_examples": len(heldout),
+            "answer_tokens": sum(len(e.answer) for e in train + heldout), **counts,
+            "seconds_references": round(t_ref - t0, 2), "seconds_answers": round(t_ans - t_ref, 2)}
+    return Prepared(train, heldout, sources.knowledge, sources, info)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# batches
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def knowledge_of(ex: Example, knowledge: dict[str, PairKnowledge], draft: DraftModel) -> Knowledge:
+    return Knowledge.from_pairs([knowledge[h] for h in ex.refs if h in knowledge], draft.cfg.max_knowledge_tokens,
+                                draft.hidden_size)
+
+
+@torch.no_grad()
+def frozen_states(draft: DraftModel, examples: Sequence[Example], batch_size: int = 8) -> None:
+    """Run the frozen first layers once over each example (they never change); keep their output in fp16 on the
+    CPU (or the device when it is a GPU)."""
+    keep = draft.device if draft.device.type == "cuda" else torch.device("cpu")  # in the model's dtype: exact
+    todo = [e for e in examples if e.states is None]
+    todo.sort(key=lambda e: len(e.ids))
+    for i in range(0, len(todo), batch_size):
+        chunk = todo[i : i + batch_size]
+        ids = _pad_ids([e.ids for e in chunk], draft.device)
+        hidden = draft._shared["embed"](ids)
+        if draft.frozen_layers:
+            hidden = draft.run_layers(hidden, draft._shared["frozen"])
+        for j, e in enumerate(chunk):
+            e.states = hidden[j, : len(e.ids)].to(keep).clone()
+
+
+def _pad_ids(rows: Sequence[Sequence[int]], device) -> torch.Tensor:
+    longest = max(len(r) for r in rows)
+    out = torch.zeros(len(rows), longest, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(list(r))
+    return out.to(device)
+
+
+def _autocast(draft: DraftModel):
+    import contextlib
+
+    if draft.dtype in (torch.bfloat16, torch.float16):
+        # fp32 trained weights, half-precision base model: compute in the base model's dtype.
+        return torch.autocast(draft.device.type, dtype=draft.dtype)
+    return contextlib.nullcontext()
+
+
+def batch_logits(draft: DraftModel, batch: Sequence[Example], knowledge: dict[str, PairKnowledge],
+                 vocab: torch.Tensor, index: torch.Tensor,
+                 use_knowledge: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draft logits at the answer positions of a batch: (logits [M, V'], labels [M] (vocab positions, -1 when the
+    target is outside the vocabulary), final hidden [M, H])."""
+    dev = draft.device
+    work_dtype = next(draft.layers.parameters()).dtype if len(draft.layers) else draft.dtype
+    longest = max(len(e.ids) for e in batch)
+    hidden = torch.zeros(len(batch), longest, draft.hidden_size, dtype=work_dtype, device=dev)
+    for i, e in enumerate(batch):
+        hidden[i, : len(e.ids)] = e.states.to(dev, work_dtype)
+    # Only answer positions are scored: their indices [B, A].
+    spans = [(e.first, len(e.answer)) for e in batch]
+    width = max(n for _, n in spans)
+    pos = torch.zeros(len(batch), width, dtype=torch.long)
+    valid = torch.zeros(len(batch), width, dtype=torch.bool)
+    labels = torch.full((len(batch), width), -1, dtype=torch.long)
+    for i, (e, (s, n)) in enumerate(zip(batch, spans)):
+        pos[i, :n] = torch.arange(s, s + n)
+        valid[i, :n] = True
+        labels[i, :n] = index[torch.tensor(e.answer)]
+    pos, valid, labels = pos.to(dev), valid.to(dev), labels.to(dev)
+    mem = None
+    if use_knowledge:  # assembled outside autocast (which refuses some dtype mixes in cat)
+        mem = KnowledgeBatch.stack([knowledge_of(e, knowledge, draft) for e in batch], draft.head_weight, dev,
+                                   work_dtype)
+    rows = draft.head_weight[vocab.to(dev)]
+    with _autocast(draft):
+        h = draft.run_layers(hidden, draft.layers)  # [B, T, H]
+        ha = torch.gather(h, 1, pos.unsqueeze(-1).expand(-1, -1, h.shape[-1]))  # [B, A, H]
+        logits, z = draft.head(ha, rows, mem, use_knowledge)
+    return logits[valid].float(), labels[valid], z[valid]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# metrics
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def simulate_steps(matches: Sequence[bool], gamma: int) -> tuple[int, int]:
+    """Greedy speculative decoding along one sequence with draft length ``gamma``: (verify steps, accepted drafts).
+
+    Each step drafts ``gamma`` tokens; the base model accepts them up to the first disagreement and adds one token
+    of its own (Leviathan et al.). ``matches[t]`` is whether the draft, given the true prefix, predicts token t."""
+    n, pos, steps, accepted = len(matches), 0, 0, 0
+    while pos < n:
+        a = 0
+        while a < gamma and pos + a < n and matches[pos + a]:
+            a += 1
+        accepted += a
+        pos += a + 1
+        steps += 1
+    return steps, accepted
+
+
+def simulate_with_stop(matches: Sequence[bool], confidences: Sequence[float], gamma: int,
+                       threshold: float) -> tuple[int, int, int]:
+    """Like :func:`simulate_steps` with Kangaroo's confidence exit: after the first drafted token, drafting stops
+    before a token whose draft probability is below ``threshold``. Returns (steps, accepted, drafted). Accepted
+    counts are exact; drafted ones past a rejection use the teacher-forced confidences (an approximation)."""
+    n, pos, steps, accepted, drafted = len(matches), 0, 0, 0, 0
+    while pos < n:
+        length = 0
+        while length < gamma and pos + length < n and (length == 0 or confidences[pos + length] >= threshold):
+            length += 1
+        a = 0
+        while a < length and matches[pos + a]:
+            a += 1
+        drafted += length
+        accepted += a
+        pos += a + 1
+        steps += 1
+    return steps, accepted, drafted
+
+
+def summarise(match_lists: Sequence[Sequence[bool]], losses: Sequence[float] | None = None) -> dict[str, Any]:
+    tokens = sum(len(m) for m in match_lists)
+    agree = sum(sum(m) for m in match_lists)
+    out: dict[str, Any] = {"tokens": tokens, "sequences": len(match_lists),
+                           "top1_agreement": round(agree / tokens, 4) if tokens else 0.0}
+    per_len = {}
+    for g in DRAFT_LENGTHS:
+        steps = accepted = 0
+        for m in match_lists:
+            s, a = simulate_steps(m, g)
+            steps += s
+            accepted += a
+        per_len[str(g)] = {"tokens_per_step": round(tokens / steps, 3) if steps else 0.0,
+                           "accepted_per_step": round(accepted / steps, 3) if steps else 0.0}
+    out["draft_lengths"] = per_len
+    if losses:
+        out["loss"] = round(sum(losses) / len(losses), 4)
+    return out
+
+
+@torch.no_grad()
+def evaluate(draft: DraftModel, examples: Sequence[Example], knowledge: dict[str, PairKnowledge],
+             use_knowledge: bool = True, full_vocab: bool = False) -> dict[str, Any]:
+    """Teacher-forced agreement with the base model's greedy answers, one sequence at a time with the vocabulary the
+    draft would have at generation time (static ids + prompt + knowledge)."""
+    was = draft.training
+    draft.eval()
+    matches, losses = [], []
+    for e in examples:
+        k = knowledge_of(e, knowledge, draft)
+        vocab = torch.arange(draft.vocab_size) if full_vocab else draft.vocab_for(e.prompt, k.next_ids)
+        index = draft.vocab_index(vocab)
+        logits, labels, _ = batch_logits(draft, [e], knowledge, vocab, index, use_knowledge)
+        pred = logits.argmax(-1)
+        matches.append((pred == labels).tolist())
+        ok = labels >= 0
+        if ok.any():
+            losses.append(float(F.cross_entropy(logits[ok], labels[ok])))
+    draft.train(was)
+    return summarise(matches, losses)
+
+
+def match_vector(draft: DraftModel, e: Example, knowledge: dict[str, PairKnowledge], use_knowledge: bool = True,
+                 full_vocab: bool = False) -> tuple[list[bool], list[float]]:
+    """Per answer token: does the draft agree, and its confidence in its own top token (for confidence stopping)."""
+    with torch.no_grad():
+        k = knowledge_of(e, knowledge, draft)
+        vocab = torch.arange(draft.vocab_size) if full_vocab else draft.vocab_for(e.prompt, k.next_ids)
+        logits, labels, _ = batch_logits(draft, [e], knowledge, vocab, draft.vocab_index(vocab), use_knowledge)
+        probs = torch.softmax(logits, -1)
+        conf, pred = probs.max(-1)
+    return (pred == labels).tolist(), conf.tolist()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _optimizer(draft: DraftModel, lr: float, knowledge_lr: float) -> torch.optim.Optimizer:
+    groups = []
+    layer_params = [p for p in draft.layers.parameters() if p.requires_grad]
+    if layer_params:
+        groups.append({"params": layer_params, "lr": lr, "weight_decay": 0.0})
+    gains = {id(p) for p in draft.knowledge.gains()}
+    groups.append({"params": [p for p in draft.knowledge.parameters() if p.requires_grad and id(p) not in gains],
+                   "lr": knowledge_lr, "weight_decay": 0.0})
+    # Per-head scalars (temperature, sink, pointer gain) need to move by O(1): a larger step.
+    groups.append({"params": list(draft.knowledge.gains()), "lr": knowledge_lr * GAIN_LR_FACTOR, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, betas=(0.9, 0.95))
+
+
+def train_epoch(draft: DraftModel, optimizer, examples: Sequence[Example], knowledge: dict[str, PairKnowledge],
+                vocab: torch.Tensor, batch_size: int, seed: int, feature_weight: float = 0.0, bar=None,
+                feature_targets: dict[int, torch.Tensor] | None = None, use_knowledge: bool = True) -> float:
+    draft.train()
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    index = draft.vocab_index(vocab)
+    total, count = 0.0, 0
+    params = draft.trainable_parameters()
+    for i in range(0, len(order), batch_size):
+        batch = [examples[j] for j in order[i : i + batch_size]]
+        logits, labels, z = batch_logits(draft, batch, knowledge, vocab, index, use_knowledge)
+        ok = labels >= 0
+        loss = F.cross_entropy(logits[ok], labels[ok])
+        if feature_weight and feature_targets is not None:
+            target = torch.cat([feature_targets[id(e)] for e in batch]).to(z.device, z.dtype)
+            loss = loss + feature_weight * F.smooth_l1_loss(z.float(), target.float())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        total += loss.item() * len(batch)
+        count += len(batch)
+        if bar is not None:
+            bar.update(len(batch))
+            bar.set_postfix_str(f"loss {total / count:.3f}", refresh=False)
+    return total / max(count, 1)
+
+
+def _check_out_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".kvdb-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise StoreError(f"cannot write checkpoints to {out} ({exc.strerror or exc}); pass --out with a writable "
+                         "folder") from None
+
+
+def _write_log(out: Path, log: dict[str, Any]) -> Path:
+    path = out / LOG_FILE
+    atomic_write_bytes(path, json.dumps(log, indent=1).encode())
+    return path
+
+
+def _plot(out: Path, history: list[dict[str, Any]], baseline: dict[str, Any] | None) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    from kvdb.fileio import atomic_path
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(epochs, [h["train_loss"] for h in history], "o-", label="train loss")
+    held = [(h["epoch"], h["heldout"].get("loss")) for h in history if h.get("heldout", {}).get("loss") is not None]
+    if held:
+        ax1.plot([e for e, _ in held], [v for _, v in held], "s-", label="held-out loss")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("cross-entropy")
+    ax1.legend()
+    ax2.plot(epochs, [h["heldout"]["top1_agreement"] for h in history], "o-", label="draft top-1 agreement")
+    ax2.plot(epochs, [h["heldout"]["draft_lengths"]["4"]["accepted_per_step"] / 4 for h in history], "^--",
+             label="accepted per step / 4 (k=4)")
+    if baseline:
+        ax2.axhline(baseline["top1_agreement"], color="grey", linestyle=":", label="untrained early exit")
+    ax2.set_ylim(0, 1)
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("held-out acceptance")
+    ax2.legend()
+    fig.tight_layout()
+    path = out / PLOT_FILE
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _resume_state(out: Path, lm, draft_cfg: DraftConfig) -> tuple[dict[str, Any], Path] | None:
+    from kvdb.draft import latest_checkpoint
+
+    last = out / LAST_FILE
+    path = last if last.is_file() else latest_checkpoint(out)
+    if path is None:
+        return None
+    payload = read_checkpoint(path)
+    check_compatible(payload, lm, draft_cfg, path)
+    return payload, path
+
+
+def train(runtime, epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
+          resume: bool = False, cache: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
+          eval_only: bool = False, progress: bool = True, lm=None, references_for: ReferencesFor | None = None,
+          checkpoint: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Train (or with ``eval_only`` evaluate) the draft; returns final metrics and the checkpoint paths.
+
+    ``epochs`` is how many epochs this call runs (default ``training.num_epochs``); with ``resume`` numbering
+    continues from the latest checkpoint in ``out``, and a run that stopped before its planned epochs finishes them.
+    """
+    from tqdm import tqdm
+
+    from kvdb.draft import best_checkpoint, latest_checkpoint
+    from kvdb.lm import load_model
+
+    t_start = time.perf_counter()
+    cfg: Config = runtime.config
+    tcfg, dcfg = cfg.training, cfg.draft
+    batch_size = batch_size or tcfg.batch_size
+    lr = lr if lr is not None else tcfg.learning_rate
+    if batch_size < 1 or lr <= 0 or (epochs is not None and epochs < 0):
+        raise ValidationError("--batch-size must be at least 1, --lr above 0 and --epochs at least 0")
+    out = Path(out) if out is not None else runtime.home.checkpoints_dir
+    if not eval_only:
+        _check_out_dir(out)
+    torch.manual_seed(tcfg.seed)
+    if lm is None:
+        lm = load_model(cfg.model, runtime.home)
+
+    # A checkpoint to continue from or evaluate: checked before any heavy work.
+    payload, ckpt_path = None, None
+    if eval_only:
+        ckpt_path = Path(checkpoint) if checkpoint else (best_checkpoint(out) or latest_checkpoint(out))
+        if ckpt_path is None:
+            raise NotFoundError(f"no draft checkpoint in {out}; run `kvdb train` first")
+        payload = read_checkpoint(ckpt_path)
+        dcfg = check_compatible(payload, lm, dcfg, ckpt_path)
+    elif resume:
+        found = _resume_state(out, lm, dcfg)
+        if found is None:
+            raise NotFoundError(f"--resume: no draft checkpoint in {out} to continue from; train without --resume")
+        payload, ckpt_path = found
+        dcfg = draft_config_from(payload)
+
+    data = prepare(runtime, lm, dcfg, cache=cache, references_for=references_for, progress=progress)
+    t_data = time.perf_counter()
+
+    # The draft vocabulary: frequent ids + every token of the training data (prompts, answers, knowledge).
+    tokens = [torch.tensor(e.prompt + e.answer) for e in data.train]
+    tokens += [k.next_ids for k in data.knowledge.values()]
+    static = torch.arange(min(dcfg.vocab_frequent, lm.model.get_output_embeddings().weight.shape[0])) \
+        if dcfg.vocab_frequent else None
+    if static is not None:
+        static = torch.unique(torch.cat([static, *[torch.tensor(e.answer) for e in data.train]]))
+    draft = DraftModel(lm, dcfg, static_vocab=static)
+    if payload is not None:
+        try:
+            draft.load_state_dict(payload["state_dict"], strict=True)
+        except (RuntimeError, KeyError) as exc:
+            raise CorruptError(f"{ckpt_path} does not fit the draft it describes "
+                               f"({str(exc).strip().splitlines()[0][:160]}); train again") from None
+    else:
+        all_keys = torch.cat([k.keys for k in data.knowledge.values()])
+        draft.knowledge.set_statistics(all_keys)
+    # Trained parameters in fp32 (master weights); on a GPU the forward runs under bf16 autocast.
+    draft.layers.float()
+    draft.knowledge.float()
+    train_vocab = draft.vocab_for(*tokens) if dcfg.vocab_frequent else torch.arange(draft.vocab_size)
+
+    frozen_states(draft, data.train + data.heldout)
+    t_states = time.perf_counter()
+    eval_set = data.heldout or data.train
+    eval_name = "heldout" if data.heldout else "train (no held-out split)"
+
+    # The untrained early exit: fresh copies of the same layers (so the inputs computed above fit), full head.
+    baseline = evaluate(DraftModel(lm, dataclasses.replace(dcfg, vocab_frequent=0)), eval_set, data.knowledge,
+                        use_knowledge=False, full_vocab=True)
+    result: dict[str, Any] = {"out": str(out), "eval_set": eval_name, "data": data.info,
+                              "untrained_early_exit": baseline, "draft_config": dataclasses.asdict(dcfg)}
+    if eval_only:
+        metrics = evaluate(draft, eval_set, data.knowledge)
+        result.update({"checkpoint": str(ckpt_path), "epoch": payload["epoch"], "metrics": metrics,
+                       "without_knowledge": evaluate(draft, eval_set, data.knowledge, use_knowledge=False),
+                       "seconds": round(time.perf_counter() - t_start, 2)})
+        return result
+
+    optimizer = _optimizer(draft, lr, tcfg.knowledge_learning_rate)
+    history: list[dict[str, Any]] = []
+    start_epoch, planned = 0, epochs if epochs is not None else tcfg.num_epochs
+    best_metric, best_path = -1.0, None
+    if payload is not None:
+        if payload.get("optimizer"):
+            try:
+                optimizer.load_state_dict(payload["optimizer"])
+            except (ValueError, KeyError, RuntimeError):
+                pass  # a different optimiser layout: continue with fresh moments
+        start_epoch = int(payload["epoch"])
+        history = list(payload.get("history") or [])
+        training_info = payload.get("training") or {}
+        best_metric = float(training_info.get("best_metric", -1.0))
+        best_path = training_info.get("best_path")
+        target = int(training_info.get("target_epoch", start_epoch))
+        planned = epochs if epochs is not None else (target - start_epoch if target > start_epoch
+                                                      else tcfg.num_epochs)
+    for group in optimizer.param_groups[:1]:
+        if len(draft.layers):
+            group["lr"] = lr
+    end_epoch = start_epoch + planned
+
+    feature_targets = None
+    if tcfg.feature_loss_weight > 0:
+        feature_targets = _feature_targets(lm, data.train)
+
+    log = {"format": "kvdb.train_log", "base_model": lm.describe(), "draft_config": dataclasses.asdict(dcfg),
+           "training": {"batch_size": batch_size, "lr": lr, **dataclasses.asdict(tcfg)}, "data": data.info,
+           "eval_set": eval_name, "untrained_early_exit": baseline, "epochs": history}
+    checkpoints: list[str] = []
+    log_path = plot_path = None
+    total_steps = len(data.train) * planned
+    bar = tqdm(total=total_steps, unit="ex", desc="train", disable=not progress or total_steps == 0,
+               dynamic_ncols=True)
+    try:
+        for epoch in range(start_epoch + 1, end_epoch + 1):
+            t0 = time.perf_counter()
+            bar.set_description(f"epoch {epoch}/{end_epoch}")
+            loss = train_epoch(draft, optimizer, data.train, data.knowledge, train_vocab, batch_size,
+                               seed=tcfg.seed + epoch, feature_weight=tcfg.feature_loss_weight, bar=bar,
+                               feature_targets=feature_targets)
+            train_seconds = time.perf_counter() - t0
+            held = evaluate(draft, eval_set, data.knowledge)
+            record = {"epoch": epoch, "train_loss": round(loss, 4), "heldout": held,
+                      "seconds": round(train_seconds, 2), "eval_seconds": round(time.perf_counter() - t0 -
+                                                                                train_seconds, 2)}
+            history.append(record)
+            improved = held["top1_agreement"] > best_metric
+            training_info = {"best_metric": max(best_metric, held["top1_agreement"]), "best_path": best_path,
+                             "target_epoch": end_epoch, "batch_size": batch_size, "lr": lr,
+                             "prompt_format": PROMPT_FORMAT, "data": data.info}
+            state = optimizer.state_dict()
+            metrics = {"train_loss": record["train_loss"], "heldout": held, "untrained_early_exit": baseline}
+            if improved:
+                best_metric = held["top1_agreement"]
+                best_path = str(out / f"best_draft_model_epoch{epoch}.pth")
+                training_info.update(best_metric=best_metric, best_path=best_path)
+                save_checkpoint(Path(best_path), draft, epoch=epoch, metrics=metrics, optimizer_state=state,
+                                training=training_info, history=history)
+                checkpoints.append(best_path)
+            if tcfg.save_every > 0 and epoch % tcfg.save_every == 0:
+                path = out / f"draft_model_epoch{epoch}.pth"
+                save_checkpoint(path, draft, epoch=epoch, metrics=metrics, optimizer_state=state,
+                                training=training_info, history=history)
+                checkpoints.append(str(path))
+            save_checkpoint(out / LAST_FILE, draft, epoch=epoch, metrics=metrics, optimizer_state=state,
+                            training=training_info, history=history)
+            log["epochs"] = history
+            log_path = _write_log(out, log)
+            plot_path = _plot(out, history, baseline)
+            bar.set_postfix_str(f"loss {loss:.3f} agree {held['top1_agreement']:.3f}", refresh=True)
+    finally:
+        bar.close()
+    final = history[-1] if history else None
+    result.update({
+        "epoch": history[-1]["epoch"] if history else start_epoch,
+        "epochs_run": end_epoch - start_epoch,
+        "metrics": final["heldout"] if final else evaluate(draft, eval_set, data.knowledge),
+        "train_loss": final["train_loss"] if final else None,
+        "best": {"metric": best_metric, "path": best_path},
+        "checkpoints": checkpoints,
+        "last_checkpoint": str(out / LAST_FILE) if history else None,
+        "log": str(log_path) if log_path else None,
+        "plot": str(plot_path) if plot_path else None,
+        "seconds_data": round(t_data - t_start, 2),
+        "seconds_states": round(t_states - t_data, 2),
+        "seconds": round(time.perf_counter() - t_start, 2),
+    })
+    return result
+
+
+@torch.no_grad()
+def _feature_targets(lm, examples: Sequence[Example]) -> dict[int, torch.Tensor]:
+    """The base model's final hidden state (after its norm) at each answer position: EAGLE's feature target."""
+    out = {}
+    for e in examples:
+        ids = torch.tensor([e.ids], device=lm.device)
+        h = lm.decoder(input_ids=ids).last_hidden_state[0, e.first : e.first + len(e.answer)]
+        out[id(e)] = h.to("cpu", torch.float16)
+    return out
