@@ -12,6 +12,14 @@ from click.testing import CliRunner
 from kvdb.cli import cli
 
 
+def pytest_configure(config):
+    import torch
+
+    # Tiny models gain nothing from a second thread, and OpenMP's spinning makes them far slower when the other core
+    # is busy; one thread keeps the suite's time steady.
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch):
     for var in ("KVDB_HOME", "KVDB_CONFIG", "KVDB_DATABASE_URL", "KVDB_DEBUG"):
