@@ -26,6 +26,7 @@ from sqlalchemy import func, insert, select  # noqa: E402
 
 from kvdb.build import Builder, PairText, pair_sequence, prefill_batch, resolve_layers  # noqa: E402
 from kvdb.examples import load_examples  # noqa: E402
+from kvdb.lm import pad_right  # noqa: E402
 from kvdb.runtime import Runtime  # noqa: E402
 from kvdb.store.blobs import pack  # noqa: E402
 from kvdb.store.models import Domain, Embedding, ModelInfo, Pair, PairVectors  # noqa: E402
@@ -41,12 +42,7 @@ def raw_forward_tokens_per_s(lm, seqs, batch: int, repeats: int = 2) -> float:
         tokens = 0
         for i in range(0, len(seqs), batch):
             group = seqs[i : i + batch]
-            longest = max(map(len, group))
-            ids = torch.zeros((len(group), longest), dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for j, s in enumerate(group):
-                ids[j, : len(s)] = torch.tensor(s)
-                mask[j, : len(s)] = 1
+            ids, mask = pad_right(group, 0)
             lm.decoder(input_ids=ids, attention_mask=mask, use_cache=False)
             tokens += sum(map(len, group))
         best = max(best, tokens / (time.perf_counter() - t0))

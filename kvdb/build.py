@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from kvdb.config import Config, Home
 from kvdb.embed import EmbedderRef, load_embedder, resolve_embedder
 from kvdb.errors import ValidationError
-from kvdb.lm import LM, ModelRef, load_model, resolve_model
+from kvdb.lm import LM, ModelRef, load_model, pad_right, resolve_model
 from kvdb.store.blobs import pack
 from kvdb.store.db import Store
 from kvdb.store.models import Embedding, ModelInfo, Pair, PairVectors
@@ -102,13 +102,8 @@ class LayerTap:
 @torch.inference_mode()
 def prefill_batch(lm: LM, seqs: list[Sequence_], layers: list[int]) -> list[dict[str, torch.Tensor]]:
     """One padded forward pass over ``seqs``; returns per sequence {token_ids, layer_<L>} on the CPU (fp16)."""
-    longest = max(len(s.ids) for s in seqs)
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.eos_ids[0]
-    ids = torch.full((len(seqs), longest), pad, dtype=torch.long)  # [B, T]
-    mask = torch.zeros((len(seqs), longest), dtype=torch.long)  # [B, T]; right padding keeps positions 0..n-1
-    for i, s in enumerate(seqs):
-        ids[i, : len(s.ids)] = torch.tensor(s.ids)
-        mask[i, : len(s.ids)] = 1
+    ids, mask = pad_right([s.ids for s in seqs], pad)  # [B, T] each
     tap = LayerTap(lm, layers)
     try:
         lm.decoder(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)

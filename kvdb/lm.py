@@ -281,6 +281,18 @@ class LM:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
+def pad_right(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids [B, T] and attention mask [B, T]: real tokens keep positions 0..n-1, exactly as if each
+    sequence ran alone, so padding changes no hidden state."""
+    longest = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), longest), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), longest), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
 def load_model(cfg: ModelConfig, home: Home, device: str | None = None, dtype: str | None = None,
                ref: ModelRef | None = None) -> LM:
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from kvdb.lm import pad_right
+
 CONTEXT = ("Text: ", "\nA question this text answers: ")
 NULL_CONTEXT = "A question: "
 
@@ -26,13 +28,7 @@ class LMReranker:
     @torch.inference_mode()
     def _mean_logprob(self, contexts: list[list[int]], query: list[int]) -> np.ndarray:
         seqs = [c + query for c in contexts]
-        longest = max(len(s) for s in seqs)
-        pad = self.lm.eos_ids[0]
-        ids = torch.full((len(seqs), longest), pad, dtype=torch.long)  # [B, T], right-padded
-        mask = torch.zeros_like(ids)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
+        ids, mask = pad_right(seqs, self.lm.eos_ids[0])  # [B, T] each
         logits = self.lm.model(input_ids=ids.to(self.lm.device), attention_mask=mask.to(self.lm.device)).logits
         logprobs = logits.float().log_softmax(-1)  # [B, T, V]
         target = torch.tensor(query, device=logprobs.device)  # [Q]
