@@ -39,8 +39,8 @@ KINDS = ("flat", "hnsw", "ivf", "auto")
 # falls back to flat (which, at that size, is fast anyway). It also silences faiss's own stderr warning.
 _IVF_MIN_POINTS_PER_CENTROID = 10
 # k-means cost grows with training points x nlist. faiss's default of 256 points per centroid would train on all
-# of a 1M-vector index at nlist 4000; a quarter of that trains 4x faster, and recall@10 at nprobe 32 stayed at
-# 0.9995 in benchmarks/bench_retrieval.py at 1M.
+# of a 1M-vector index at nlist 4000; a quarter of that trains 4x faster, and recall@10 at nprobe 32 was still
+# 0.997-0.9995 in benchmarks/bench_retrieval.py at 1M.
 _IVF_MAX_TRAIN_POINTS_PER_CENTROID = 64
 # At or below this many allowed ids an exact scan of just those vectors is both cheaper than a filtered graph or
 # list search and exact, so the selector is not used at all (the usual case for a domain filter).
@@ -56,8 +56,8 @@ class IndexSpec:
     """How to build the index; ``auto`` is flat up to ``auto_flat_max`` vectors and HNSW above it.
 
     Defaults were tuned with benchmarks/bench_retrieval.py at 1M x 384 on 2 cores: HNSW efSearch 256 over a graph
-    built with efConstruction 80 gave recall@10 0.993 at about 1 ms a query (efSearch 128: 0.958); IVF with
-    nlist 4*sqrt(n) = 4000 and nprobe 32 gave 0.9995 at about 0.9 ms.
+    built with efConstruction 80 gave recall@10 0.986-0.993 (two builds) at about 1.2 ms a query, where efSearch
+    128 gave 0.958; IVF with nlist 4*sqrt(n) = 4000 and nprobe 32 gave 0.997-0.9995 at about 0.9 ms.
     """
 
     kind: str = "auto"
