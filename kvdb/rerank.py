@@ -21,7 +21,7 @@ NULL_CONTEXT = "A question: "
 
 
 class LMReranker:
-    def __init__(self, lm, max_answer_tokens: int = 160):
+    def __init__(self, lm, max_answer_tokens: int = 64):
         self.lm = lm
         self.max_answer_tokens = max_answer_tokens
 
@@ -29,13 +29,14 @@ class LMReranker:
     def _mean_logprob(self, contexts: list[list[int]], query: list[int]) -> np.ndarray:
         seqs = [c + query for c in contexts]
         ids, mask = pad_right(seqs, self.lm.eos_ids[0])  # [B, T] each
-        logits = self.lm.model(input_ids=ids.to(self.lm.device), attention_mask=mask.to(self.lm.device)).logits
-        logprobs = logits.float().log_softmax(-1)  # [B, T, V]
-        target = torch.tensor(query, device=logprobs.device)  # [Q]
-        out = []
-        for i, c in enumerate(contexts):
-            positions = torch.arange(len(c) - 1, len(c) + len(query) - 1, device=logprobs.device)  # predict query
-            out.append(logprobs[i, positions, target].mean().item())
+        hidden = self.lm.decoder(input_ids=ids.to(self.lm.device), attention_mask=mask.to(self.lm.device),
+                                 use_cache=False).last_hidden_state  # [B, T, H]
+        # The LM head only where the query's tokens are predicted: the head is the widest matrix of a small model.
+        width = len(query)
+        rows = torch.stack([hidden[i, len(c) - 1 : len(c) - 1 + width] for i, c in enumerate(contexts)])  # [B, Q, H]
+        logprobs = self.lm.model.get_output_embeddings()(rows).float().log_softmax(-1)  # [B, Q, V]
+        target = torch.tensor(query, device=logprobs.device).expand(len(contexts), -1)  # [B, Q]
+        out = logprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1).mean(-1).tolist()
         return np.array(out)
 
     def score(self, query: str, answers: Sequence[str]) -> tuple[np.ndarray, float]:
@@ -43,6 +44,5 @@ class LMReranker:
         q = self.lm.encode(" " + query.strip())[:64] or [self.lm.eos_ids[0]]
         head, tail = self.lm.encode(CONTEXT[0]), self.lm.encode(CONTEXT[1])
         contexts = [head + self.lm.encode(a)[: self.max_answer_tokens] + tail for a in answers]
-        conditional = self._mean_logprob(contexts, q)
-        null = float(self._mean_logprob([self.lm.encode(NULL_CONTEXT)], q)[0])
-        return conditional, null
+        scores = self._mean_logprob(contexts + [self.lm.encode(NULL_CONTEXT)], q)  # one batch, null context last
+        return scores[:-1], float(scores[-1])
