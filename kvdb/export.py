@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-import pickle
+from pickle import APPEND, EMPTY_LIST, UnpicklingError, _Pickler  # writing only; reads use weights_only
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -48,8 +48,8 @@ class _Stream:
         self.items = items
 
 
-class _StreamingPickler(pickle._Pickler):  # the pure-Python pickler: its dispatch and memo can be extended
-    dispatch = dict(pickle._Pickler.dispatch)
+class _StreamingPickler(_Pickler):  # the pure-Python pickler: its dispatch and memo can be extended
+    dispatch = dict(_Pickler.dispatch)
 
     def __init__(self, file, archive):
         super().__init__(file, protocol=2)
@@ -82,12 +82,12 @@ class _StreamingPickler(pickle._Pickler):  # the pure-Python pickler: its dispat
         return None
 
     def save_stream(self, obj: _Stream) -> None:
-        self.write(pickle.EMPTY_LIST)
+        self.write(EMPTY_LIST)
         self.memoize(obj)
         for item in obj.items:
             before = len(self.memo)
             self.save(item)
-            self.write(pickle.APPEND)
+            self.write(APPEND)
             for key in list(self.memo)[before:]:
                 del self.memo[key]  # the item's tensors and storages are written; let them go
             # Freed storages' addresses get reused: a stale entry would alias a later tensor to this one's bytes.
@@ -254,7 +254,7 @@ def load_cache(path: str | Path) -> dict[str, Any]:
         raise NotFoundError(f"cache file {path} does not exist; run `kvdb export` to write one")
     try:
         obj = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
-    except pickle.UnpicklingError as exc:
+    except UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
         raise ForeignFileError(f"{path} is not a safe kvdb cache (refused to unpickle: {first[:160]})") from None
     except Exception as exc:  # zip errors, truncation, anything torch.load raises on a bad file
