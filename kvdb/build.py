@@ -50,7 +50,7 @@ class PairText:
 
 
 @dataclass
-class Sequence_:
+class PairTokens:
     pair: PairText
     ids: list[int]
     answer_start: int
@@ -74,10 +74,10 @@ class BuildReport:
         return d
 
 
-def pair_sequence(lm: LM, pair: PairText) -> Sequence_:
+def pair_sequence(lm: LM, pair: PairText) -> PairTokens:
     prompt = lm.chat_ids([{"role": "user", "content": pair.question}], add_generation_prompt=True)
     answer = lm.encode(pair.answer)
-    return Sequence_(pair, prompt + answer + [lm.eos_ids[0]], len(prompt))
+    return PairTokens(pair, prompt + answer + [lm.eos_ids[0]], len(prompt))
 
 
 class LayerTap:
@@ -100,7 +100,7 @@ class LayerTap:
 
 
 @torch.inference_mode()
-def prefill_batch(lm: LM, seqs: list[Sequence_], layers: list[int]) -> list[dict[str, torch.Tensor]]:
+def prefill_batch(lm: LM, seqs: list[PairTokens], layers: list[int]) -> list[dict[str, torch.Tensor]]:
     """One padded forward pass over ``seqs``; returns per sequence {token_ids, layer_<L>} on the CPU (fp16)."""
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.eos_ids[0]
     ids, mask = pad_right([s.ids for s in seqs], pad)  # [B, T] each
