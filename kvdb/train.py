@@ -2,24 +2,26 @@
 
 Data, in order (``prepare``):
 1. pairs and their stored vectors, from the store (``PairVectors`` of the current model) or an exported cache;
-2. questions: each pair's question, plus its ``metadata["variants"]`` rephrasings (``training.use_variants``);
-3. references per question: what retrieval returns for it (``references_for``), plus optional extra contexts
-   (``training.contexts_per_question``: the question's own pair among random others);
-4. targets: the base model's greedy answer under exactly the prompt `kvdb query --generate` builds
-   (kvdb.prompt). Answers to a pair's own question are kept in the store (``base_answers``); the rest in a JSON file
-   under ``KVDB_HOME/checkpoints/base_answers/``, both keyed by the exact prompt ids, so a rerun computes nothing;
-5. inputs of the trained layers: the frozen first layers run once over prompt + answer.
+2. questions: each pair's question, plus its ``metadata["variants"]`` rephrasings (``training.use_variants``),
+   asked with the references retrieved for the pair's question (so one pair's prompts share their long prefix);
+   optional extra contexts (``training.contexts_per_question``: the own pair among random others, shuffled);
+3. targets: the base model's greedy answer under exactly the prompt `kvdb query --generate` builds (kvdb.prompt),
+   generated in batches that run each shared prefix once (``greedy_grouped``). Answers to a pair's own question are
+   kept in the store (``base_answers``); the rest in a JSON file under ``KVDB_HOME/checkpoints/base_answers/``,
+   both keyed by the exact prompt ids, so a rerun computes nothing;
+4. inputs of the trained layers: the frozen first layers run once over prompt + answer (and, for a draft with base
+   features, the base model's final hidden states, captured while it generated the answers).
 
 Training minimises the cross-entropy of the draft's logits (over the draft vocabulary) against the base model's
-greedy tokens on the answer positions. That is the EAGLE recipe without feature regression by default
-(``training.feature_loss_weight`` adds it). Unrolling the draft over its own outputs (EAGLE-3) buys nothing here:
-the draft reads tokens, never its own features, so along an accepted prefix its inputs are exactly the teacher-forced
-ones.
+greedy tokens on the answer positions (distillation). A draft with base features (EAGLE) is unrolled
+``training.unroll_steps`` draft steps deep (EAGLE-3's training-time test, ``draft_outputs``): step i reads its own
+estimates for the i features it would not have yet when drafting, and attends as drafting would (``chain_mask``).
+A token-only draft needs no unrolling: along an accepted prefix its inputs are exactly the teacher-forced ones.
 
-Metrics (``evaluate``), on the held-out pairs' questions (split by pair, so held-out answers and knowledge were never
-trained on): top-1 agreement with the base model along its own greedy continuation, and Leviathan et al.'s
-expected tokens per verify step for draft lengths 1, 2, 4, 8, simulated exactly from the agreement pattern (with
-greedy acceptance a drafted block is accepted up to its first disagreement, and before it the draft saw the
+Metrics (``evaluate``), on the held-out pairs' questions (split by pair, so held-out answers were never trained on):
+top-1 agreement with the base model along its own greedy continuation (the first drafted token), and Leviathan et
+al.'s expected tokens per verify step for draft lengths 1, 2, 4, 8, simulated exactly from the agreement pattern
+(with greedy acceptance a block is accepted up to its first disagreement, and before it the draft saw the
 teacher-forced prefix). The untrained early exit (first n layers, final norm, full head) is reported beside it.
 """
 
@@ -28,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import random
 import time
@@ -42,6 +43,7 @@ import torch.nn.functional as F
 
 from kvdb.config import Config, DraftConfig
 from kvdb.draft import (
+    DraftCache,
     DraftModel,
     Knowledge,
     KnowledgeBatch,
@@ -54,7 +56,6 @@ from kvdb.draft import (
 from kvdb.errors import (
     CorruptError,
     ForeignFileError,
-    KvdbError,
     NotBuiltError,
     NotFoundError,
     StoreError,
@@ -304,6 +305,7 @@ class AnswerRequest:
     pair_hash: str | None = None  # set for a pair's own question with retrieval's references: kept in the store
     output: list[int] | None = None
     group: Any = None  # requests of one group share their prompt's prefix (same references): run it once
+    features: torch.Tensor | None = None  # base final hidden states (normed) over prompt + output[:-1], if captured
 
 
 def _prompt_key(prompt: Sequence[int]) -> str:
@@ -438,72 +440,103 @@ def _new_cache(model):
 
 
 @torch.inference_mode()
-def greedy_grouped(lm, groups: Sequence[Sequence[Sequence[int]]], max_new_tokens: int) -> list[list[list[int]]]:
+def greedy_grouped(lm, groups: Sequence[Sequence[Sequence[int]]], max_new_tokens: int,
+                   capture: bool = False) -> list[list[list[int]]] | tuple[list, list]:
     """Greedy answers (argmax every step, as ``generate(do_sample=False)``) of several groups of prompts; the
     prompts of a group share a prefix (the system turn with its references), which is run once per group.
 
     Layout of row r (a prompt of group g): ``[pad..][prefix_g][pad..][tail_r][answer..]`` with an attention mask
     that hides the pads and positions that count real tokens only, so each row computes what it would alone.
     Rows that finish are dropped from the batch as they go. Each answer ends at its first end-of-turn token.
+    With ``capture`` also returns, per prompt, the base model's final hidden states (after its final norm) at
+    every position it ran: prompt + answer[:-1] (the draft's feature targets, for free).
     """
     model, dev = lm.model, lm.device
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.eos_ids[0]
     eos = torch.tensor(sorted(set(lm.eos_ids)), device=dev)
-    cuts = [min(_common_prefix(g), min(len(p) for p in g) - 1) for g in groups]  # every row keeps a tail token
-    width = max(cuts)
-    ids = torch.full((len(groups), max(width, 1)), pad, dtype=torch.long)
-    mask = torch.zeros((len(groups), max(width, 1)), dtype=torch.long)
-    for i, (g, c) in enumerate(zip(groups, cuts)):
-        if c:
-            ids[i, width - c:] = torch.tensor(list(g[0][:c]))
-            mask[i, width - c:] = 1
-    ids, mask = ids.to(dev), mask.to(dev)
-    cache = _new_cache(model)
-    if width:
+    caught: list[torch.Tensor] = []
+    handle = None
+    if capture:
+        handle = lm.layers[-1].register_forward_hook(
+            lambda _m, _i, out: caught.append(out[0] if isinstance(out, tuple) else out))
+    try:
+        cuts = [min(_common_prefix(g), min(len(p) for p in g) - 1) for g in groups]  # every row keeps a tail token
+        width = max(cuts)
+        ids = torch.full((len(groups), max(width, 1)), pad, dtype=torch.long)
+        mask = torch.zeros((len(groups), max(width, 1)), dtype=torch.long)
+        for i, (g, c) in enumerate(zip(groups, cuts)):
+            if c:
+                ids[i, width - c:] = torch.tensor(list(g[0][:c]))
+                mask[i, width - c:] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        cache = _new_cache(model)
+        prefix_states = None
+        if width:
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
+                  logits_to_keep=1)
+            prefix_states = caught.pop() if capture else None
+        owner = torch.tensor([i for i, g in enumerate(groups) for _ in g], device=dev)
+        if width:
+            cache.batch_select_indices(owner)
+        mask = mask[owner]
+        tails = [p[c:] for g, c in zip(groups, cuts) for p in g]
+        span = max(len(t) for t in tails)
+        tail_ids = torch.full((len(tails), span), pad, dtype=torch.long)
+        tail_mask = torch.zeros((len(tails), span), dtype=torch.long)
+        for i, t in enumerate(tails):
+            tail_ids[i, span - len(t):] = torch.tensor(list(t))
+            tail_mask[i, span - len(t):] = 1
+        mask = torch.cat([mask, tail_mask.to(dev)], dim=-1) if width else tail_mask.to(dev)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1)
-    owner = torch.tensor([i for i, g in enumerate(groups) for _ in g], device=dev)
-    if width:
-        cache.batch_select_indices(owner)
-    mask = mask[owner]
-    tails = [p[c:] for g, c in zip(groups, cuts) for p in g]
-    span = max(len(t) for t in tails)
-    tail_ids = torch.full((len(tails), span), pad, dtype=torch.long)
-    tail_mask = torch.zeros((len(tails), span), dtype=torch.long)
-    for i, t in enumerate(tails):
-        tail_ids[i, span - len(t):] = torch.tensor(list(t))
-        tail_mask[i, span - len(t):] = 1
-    mask = torch.cat([mask, tail_mask.to(dev)], dim=-1) if width else tail_mask.to(dev)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=tail_ids.to(dev), attention_mask=mask, position_ids=pos[:, -span:], cache=cache,
-                   use_cache=True, logits_to_keep=1).logits[:, -1]
-    rows = torch.arange(len(tails), device=dev)  # which answer each live batch row belongs to
-    answers: list[list[int]] = [[] for _ in tails]
-    last_pos = pos[:, -1]
-    for step in range(max_new_tokens):
-        nxt = logits.argmax(-1)  # [B]
-        for r, t in zip(rows.tolist(), nxt.tolist()):
-            answers[r].append(t)
-        live = ~torch.isin(nxt, eos)
-        if step + 1 == max_new_tokens or not bool(live.any()):
-            break
-        if not bool(live.all()):
-            keep = live.nonzero().squeeze(-1)
-            cache.batch_select_indices(keep)
-            rows, nxt, mask, last_pos = rows[keep], nxt[keep], mask[keep], last_pos[keep]
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
-        last_pos = last_pos + 1
-        logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last_pos[:, None], cache=cache,
-                       use_cache=True).logits[:, -1]
-    out, i = [], 0
-    for g in groups:
+        logits = model(input_ids=tail_ids.to(dev), attention_mask=mask, position_ids=pos[:, -span:], cache=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1]
+        tail_states = caught.pop() if capture else None
+        rows = torch.arange(len(tails), device=dev)  # which answer each live batch row belongs to
+        answers: list[list[int]] = [[] for _ in tails]
+        steps: list[list[torch.Tensor]] = [[] for _ in tails]
+        last_pos = pos[:, -1]
+        for step in range(max_new_tokens):
+            nxt = logits.argmax(-1)  # [B]
+            for r, t in zip(rows.tolist(), nxt.tolist()):
+                answers[r].append(t)
+            live = ~torch.isin(nxt, eos)
+            if step + 1 == max_new_tokens or not bool(live.any()):
+                break
+            if not bool(live.all()):
+                keep = live.nonzero().squeeze(-1)
+                cache.batch_select_indices(keep)
+                rows, nxt, mask, last_pos = rows[keep], nxt[keep], mask[keep], last_pos[keep]
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+            last_pos = last_pos + 1
+            logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last_pos[:, None],
+                           cache=cache, use_cache=True).logits[:, -1]
+            if capture:
+                state = caught.pop()
+                for j, r in enumerate(rows.tolist()):
+                    steps[r].append(state[j, 0])
+    finally:
+        if handle is not None:
+            handle.remove()
+    out, feats, i = [], [], 0
+    norm = lm.decoder.norm
+    for gi, (g, c) in enumerate(zip(groups, cuts)):
         out.append(answers[i : i + len(g)])
+        if capture:
+            group_feats = []
+            for r in range(i, i + len(g)):
+                parts = [prefix_states[gi, width - c:]] if c else []
+                parts.append(tail_states[r, span - len(tails[r]):])
+                if steps[r]:
+                    parts.append(torch.stack(steps[r]))
+                group_feats.append(norm(torch.cat(parts)).cpu() if dev.type != "cuda" else norm(torch.cat(parts)))
+            feats.append(group_feats)
         i += len(g)
-    return out
+    return (out, feats) if capture else out
 
 
 def compute_answers(book: AnswerBook, requests: Sequence[AnswerRequest], batch_size: int,
-                    progress: bool = False) -> dict[str, int]:
+                    progress: bool = False, capture: bool = False) -> dict[str, int]:
     """Fill ``output`` of every request: reuse recorded answers, generate the rest (grouped by shared prompt prefix,
     about ``batch_size`` rows a batch)."""
     from tqdm import tqdm
@@ -522,10 +555,14 @@ def compute_answers(book: AnswerBook, requests: Sequence[AnswerRequest], batch_s
         for k, group in enumerate(ordered):
             batch.append(group)
             if sum(len(g) for g in batch) >= batch_size or k == len(ordered) - 1:
-                answers = greedy_grouped(book.lm, [[r.prompt for r in g] for g in batch], book.max_new_tokens)
-                for g, outs in zip(batch, answers):
-                    for r, out in zip(g, outs):
+                got = greedy_grouped(book.lm, [[r.prompt for r in g] for g in batch], book.max_new_tokens,
+                                     capture=capture)
+                answers, feats = got if capture else (got, None)
+                for gi, (g, outs) in enumerate(zip(batch, answers)):
+                    for ri, (r, out) in enumerate(zip(g, outs)):
                         r.output = out
+                        if feats is not None:
+                            r.features = feats[gi][ri]
                 done = [r for g in batch for r in g]
                 book.record(done)  # each batch is kept: an interrupted run resumes here
                 bar.update(len(done))
@@ -562,11 +599,12 @@ def record_base_answers(runtime, lm, references_for: ReferencesFor | None = None
 class Example:
     pair: str  # hash of the pair the question is about
     question: str
-    kind: str  # question | variant | context | external
+    kind: str  # question | variant | context | paraphrase
     refs: list[str]  # hashes of the reference pairs, in prompt order
     prompt: list[int]
     answer: list[int]  # the base model's greedy answer (targets)
     states: torch.Tensor | None = None  # [L, H] input of the trained layers, L = len(prompt) + len(answer) - 1
+    features: torch.Tensor | None = None  # [L, H] the base model's final hidden state (normed) at each position
 
     @property
     def ids(self) -> list[int]:
@@ -625,9 +663,9 @@ def build_examples(lm, sources: Sources, references_for: ReferencesFor, tcfg,
 
 
 def prepare(runtime, lm, draft_cfg: DraftConfig, cache: str | os.PathLike | None = None,
-            references_for: ReferencesFor | None = None, extra_heldout: Sequence[dict] | None = None,
-            progress: bool = False) -> Prepared:
-    """Everything training needs, computed or reused: pairs, knowledge, base answers, split."""
+            references_for: ReferencesFor | None = None, progress: bool = False) -> Prepared:
+    """Everything training needs, computed or reused: pairs, knowledge, base answers (with the base model's final
+    hidden states when they are computed now), the held-out split."""
     from sqlalchemy import select
 
     from kvdb.store.models import Pair
@@ -646,30 +684,24 @@ def prepare(runtime, lm, draft_cfg: DraftConfig, cache: str | os.PathLike | None
                                                     rerank=tcfg.rerank_references)
     items = build_examples(lm, sources, refs_for, tcfg, seed=tcfg.seed)
     heldout_pairs = split_pairs([p.hash for p in sources.pairs], tcfg.holdout_fraction, tcfg.seed)
-    extra = []
-    for row in extra_heldout or []:
-        q = row["question"]
-        extra.append((None, q, row.get("kind", "external"), list(refs_for(q)), row.get("pair")))
     requests, meta = [], []
     for p, q, kind, refs in items:
         own = kind == "question" and p.in_store
         requests.append(AnswerRequest(prompt_ids(lm, q, refs), pair_hash=p.hash if own else None,
                                       group=tuple(r.hash for r in refs)))
         meta.append((p.hash, q, kind, refs))
-    for _, q, kind, refs, pair in extra:
-        requests.append(AnswerRequest(prompt_ids(lm, q, refs), group=tuple(r.hash for r in refs)))
-        meta.append((pair or "", q, kind, refs))
     t_ref = time.perf_counter()
     book = AnswerBook(runtime, lm, cfg.generation.max_new_tokens, replace_stored=False)
-    counts = compute_answers(book, requests, tcfg.answer_batch_size, progress)
+    counts = compute_answers(book, requests, tcfg.answer_batch_size, progress,
+                             capture=draft_cfg.use_base_features)
     t_ans = time.perf_counter()
     train, heldout = [], []
     for r, (pair, q, kind, refs) in zip(requests, meta):
         if not r.output:
             continue
-        ex = Example(pair, q, kind, [x.hash for x in refs if x.hash in sources.knowledge], r.prompt, r.output)
-        (heldout if pair in heldout_pairs or kind == "external" or kind not in ("question", "variant", "context")
-         else train).append(ex)
+        ex = Example(pair, q, kind, [x.hash for x in refs if x.hash in sources.knowledge], r.prompt, r.output,
+                     features=r.features)
+        (heldout if pair in heldout_pairs else train).append(ex)
     if not train:
         raise ValidationError("no training example is left after the held-out split; add pairs or lower "
                               "training.holdout_fraction")
@@ -690,21 +722,46 @@ def knowledge_of(ex: Example, knowledge: dict[str, PairKnowledge], draft: DraftM
                                 draft.hidden_size)
 
 
+def _keep_device(draft: DraftModel) -> torch.device:
+    return draft.device if draft.device.type == "cuda" else torch.device("cpu")
+
+
 @torch.no_grad()
 def frozen_states(draft: DraftModel, examples: Sequence[Example], batch_size: int = 8) -> None:
-    """Run the frozen first layers once over each example (they never change); keep their output in fp16 on the
-    CPU (or the device when it is a GPU)."""
-    keep = draft.device if draft.device.type == "cuda" else torch.device("cpu")  # in the model's dtype: exact
-    todo = [e for e in examples if e.states is None]
-    todo.sort(key=lambda e: len(e.ids))
+    """Run the frozen first layers once over each example (they never change); keep their output in the model's
+    dtype on the CPU (or the GPU)."""
+    todo = sorted((e for e in examples if e.states is None), key=lambda e: len(e.ids))
     for i in range(0, len(todo), batch_size):
         chunk = todo[i : i + batch_size]
-        ids = _pad_ids([e.ids for e in chunk], draft.device)
-        hidden = draft._shared["embed"](ids)
-        if draft.frozen_layers:
-            hidden = draft.run_layers(hidden, draft._shared["frozen"])
+        hidden = draft.lower(_pad_ids([e.ids for e in chunk], draft.device))
         for j, e in enumerate(chunk):
-            e.states = hidden[j, : len(e.ids)].to(keep).clone()
+            e.states = hidden[j, : len(e.ids)].to(_keep_device(draft)).clone()
+
+
+@torch.no_grad()
+def teacher_features(lm, examples: Sequence[Example], batch_size: int = 8, progress: bool = False) -> int:
+    """The base model's final hidden states (normed) over prompt + answer[:-1], for examples whose answers were
+    recorded earlier (fresh answers bring them from generation). Returns how many were computed."""
+    from tqdm import tqdm
+
+    todo = sorted((e for e in examples if e.features is None), key=lambda e: len(e.ids))
+    keep = lm.device if lm.device.type == "cuda" else torch.device("cpu")
+    bar = tqdm(total=len(todo), unit="seq", desc="base features", disable=not progress or not todo, leave=False,
+               dynamic_ncols=True)
+    try:
+        for i in range(0, len(todo), batch_size):
+            chunk = todo[i : i + batch_size]
+            ids = _pad_ids([e.ids for e in chunk], lm.device)
+            mask = torch.zeros_like(ids)
+            for j, e in enumerate(chunk):
+                mask[j, : len(e.ids)] = 1
+            out = lm.decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            for j, e in enumerate(chunk):
+                e.features = out[j, : len(e.ids)].to(keep).clone()
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+    return len(todo)
 
 
 def _pad_ids(rows: Sequence[Sequence[int]], device) -> torch.Tensor:
@@ -724,38 +781,104 @@ def _autocast(draft: DraftModel):
     return contextlib.nullcontext()
 
 
-def batch_logits(draft: DraftModel, batch: Sequence[Example], knowledge: dict[str, PairKnowledge],
-                 vocab: torch.Tensor, index: torch.Tensor,
-                 use_knowledge: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Draft logits at the answer positions of a batch: (logits [M, V'], labels [M] (vocab positions, -1 when the
-    target is outside the vocabulary), final hidden [M, H])."""
+def chain_mask(length: int, step: int, device, dtype) -> torch.Tensor:
+    """Attention mask [1, 1, T, (step+1)T] of unrolled draft step ``step`` over the cache of steps 0..step.
+
+    Query (step i, position t) sees step 0 (exact inputs) at positions <= t - i, and step i' at position
+    t - i + i' for i' = 1..i: the tokens the draft itself proposed on the way from t - i to t."""
+    t = torch.arange(length, device=device).view(length, 1)
+    cols = torch.arange(length, device=device).view(1, length)
+    blocks = [cols <= t - step] + [cols == t - step + j for j in range(1, step + 1)]
+    allowed = torch.cat(blocks, dim=1)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask.view(1, 1, length, (step + 1) * length)
+
+
+@dataclass
+class StepOutput:
+    logits: torch.Tensor  # [M, V'] at the scored answer positions of this unrolled step
+    labels: torch.Tensor  # [M] vocabulary positions (-1: outside the vocabulary)
+    answer_index: torch.Tensor  # [M] which answer token each row predicts
+    example: torch.Tensor  # [M] which example of the batch
+
+
+def draft_outputs(draft: DraftModel, batch: Sequence[Example], knowledge: dict[str, PairKnowledge],
+                  vocab: torch.Tensor, index: torch.Tensor, use_knowledge: bool = True, steps: int = 1,
+                  use_features: bool = True) -> tuple[list[StepOutput], torch.Tensor | None, torch.Tensor | None]:
+    """Teacher-forced draft outputs on a batch, unrolled ``steps`` draft steps deep (EAGLE-3's training-time test).
+
+    Step 0 reads exact base features (as the first token drafted after a verification); step i reads, for the
+    answer positions, the draft's own step i-1 estimate of the previous position's feature and attends to the
+    earlier positions as in ``chain_mask``: exactly what drafting i tokens past the verified ones computes.
+    Step i is scored at answer tokens i and later. Returns the steps' outputs, and the draft's step-0 final hidden
+    states with the base model's (the EAGLE feature target) at the answer positions."""
     dev = draft.device
     work_dtype = next(draft.layers.parameters()).dtype if len(draft.layers) else draft.dtype
+    b = len(batch)
     longest = max(len(e.ids) for e in batch)
-    hidden = torch.zeros(len(batch), longest, draft.hidden_size, dtype=work_dtype, device=dev)
+    hidden = torch.zeros(b, longest, draft.hidden_size, dtype=work_dtype, device=dev)
     for i, e in enumerate(batch):
         hidden[i, : len(e.ids)] = e.states.to(dev, work_dtype)
-    # Only answer positions are scored: their indices [B, A].
-    spans = [(e.first, len(e.answer)) for e in batch]
-    width = max(n for _, n in spans)
-    pos = torch.zeros(len(batch), width, dtype=torch.long)
-    valid = torch.zeros(len(batch), width, dtype=torch.bool)
-    labels = torch.full((len(batch), width), -1, dtype=torch.long)
-    for i, (e, (s, n)) in enumerate(zip(batch, spans)):
-        pos[i, :n] = torch.arange(s, s + n)
+    features = use_features and draft.feature_layer is not None
+    exact = None
+    if features:
+        exact = torch.zeros(b, longest, draft.hidden_size, dtype=work_dtype, device=dev)
+        for i, e in enumerate(batch):
+            if e.features is None:
+                raise ValidationError("an example has no base features; compute them with teacher_features()")
+            exact[i, 1 : len(e.ids)] = e.features[: len(e.ids) - 1].to(dev, work_dtype)
+    else:
+        steps = 1
+    # Answer positions [B, A]: position first + a predicts answer[a].
+    width = max(len(e.answer) for e in batch)
+    pos = torch.zeros(b, width, dtype=torch.long)
+    valid = torch.zeros(b, width, dtype=torch.bool)
+    labels = torch.full((b, width), -1, dtype=torch.long)
+    for i, e in enumerate(batch):
+        n = len(e.answer)
+        pos[i, :n] = torch.arange(e.first, e.first + n)
         valid[i, :n] = True
         labels[i, :n] = index[torch.tensor(e.answer)]
     pos, valid, labels = pos.to(dev), valid.to(dev), labels.to(dev)
+    answer_index = torch.arange(width, device=dev).view(1, width).expand(b, width)
+    example = torch.arange(b, device=dev).view(b, 1).expand(b, width)
     mem = None
     if use_knowledge:  # assembled outside autocast (which refuses some dtype mixes in cat)
         mem = KnowledgeBatch.stack([knowledge_of(e, knowledge, draft) for e in batch], draft.head_weight, dev,
                                    work_dtype)
     rows = draft.head_weight[vocab.to(dev)]
+    outputs: list[StepOutput] = []
+    z0 = target = None
     with _autocast(draft):
-        h = draft.run_layers(hidden, draft.layers)  # [B, T, H]
-        ha = torch.gather(h, 1, pos.unsqueeze(-1).expand(-1, -1, h.shape[-1]))  # [B, A, H]
-        logits, z = draft.head(ha, rows, mem, use_knowledge)
-    return logits[valid].float(), labels[valid], z[valid]
+        cache = DraftCache() if steps > 1 else None
+        feats = exact
+        positions = torch.arange(longest, device=dev).view(1, longest).expand(b, longest)
+        for step in range(steps):
+            if step == 0:
+                h = draft.upper(hidden, feats, cache=cache)
+            else:
+                mask = chain_mask(longest, step, dev, draft.dtype).expand(b, 1, longest, (step + 1) * longest)
+                h = draft.upper(hidden, feats, cache=cache, mask=mask, position_ids=positions)
+            ha = torch.gather(h, 1, pos.unsqueeze(-1).expand(-1, -1, h.shape[-1]))  # [B, A, H]
+            za = draft.final(ha, mem, use_knowledge)
+            logits = za @ rows.T
+            scored = valid & (answer_index >= step)
+            outputs.append(StepOutput(logits[scored].float(), labels[scored], answer_index[scored],
+                                      example[scored]))
+            if step == 0 and features:
+                z0 = za[valid]
+                target = torch.cat([e.features[e.first : e.first + len(e.answer)] for e in batch]).to(dev)
+            if step + 1 < steps:
+                # Next step: answer positions t >= first+1 read the draft's own estimate of position t-1.
+                nxt = exact.clone()
+                src = za.detach().to(nxt.dtype)
+                for i, e in enumerate(batch):
+                    n = len(e.answer)
+                    if n > 1:
+                        nxt[i, e.first + 1 : e.first + n] = src[i, : n - 1]
+                feats = nxt
+    return outputs, z0, target
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -763,15 +886,24 @@ def batch_logits(draft: DraftModel, batch: Sequence[Example], knowledge: dict[st
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def simulate_steps(matches: Sequence[bool], gamma: int) -> tuple[int, int]:
-    """Greedy speculative decoding along one sequence with draft length ``gamma``: (verify steps, accepted drafts).
+def _by_depth(matches) -> list[list[bool]]:
+    if matches and not isinstance(matches[0], (list, tuple)):
+        return [list(matches)]
+    return [list(m) for m in matches]
+
+
+def simulate_steps(matches, gamma: int) -> tuple[int, int]:
+    """Greedy speculative decoding along one answer with draft length ``gamma``: (verify steps, accepted drafts).
 
     Each step drafts ``gamma`` tokens; the base model accepts them up to the first disagreement and adds one token
-    of its own (Leviathan et al.). ``matches[t]`` is whether the draft, given the true prefix, predicts token t."""
-    n, pos, steps, accepted = len(matches), 0, 0, 0
+    of its own (Leviathan et al.). ``matches`` is a list of booleans (token t is right given the true prefix), or one
+    such list per draft depth: ``matches[d][t]`` whether the (d+1)-th token of a draft is right when it lands on
+    token t (deeper drafts read the draft's own estimates; depths beyond the list reuse the deepest)."""
+    depth = _by_depth(matches)
+    n, pos, steps, accepted = len(depth[0]), 0, 0, 0
     while pos < n:
         a = 0
-        while a < gamma and pos + a < n and matches[pos + a]:
+        while a < gamma and pos + a < n and depth[min(a, len(depth) - 1)][pos + a]:
             a += 1
         accepted += a
         pos += a + 1
@@ -779,18 +911,19 @@ def simulate_steps(matches: Sequence[bool], gamma: int) -> tuple[int, int]:
     return steps, accepted
 
 
-def simulate_with_stop(matches: Sequence[bool], confidences: Sequence[float], gamma: int,
-                       threshold: float) -> tuple[int, int, int]:
+def simulate_with_stop(matches, confidences, gamma: int, threshold: float) -> tuple[int, int, int]:
     """Like :func:`simulate_steps` with Kangaroo's confidence exit: after the first drafted token, drafting stops
     before a token whose draft probability is below ``threshold``. Returns (steps, accepted, drafted). Accepted
     counts are exact; drafted ones past a rejection use the teacher-forced confidences (an approximation)."""
-    n, pos, steps, accepted, drafted = len(matches), 0, 0, 0, 0
+    depth, conf = _by_depth(matches), _by_depth(confidences)
+    n, pos, steps, accepted, drafted = len(depth[0]), 0, 0, 0, 0
     while pos < n:
         length = 0
-        while length < gamma and pos + length < n and (length == 0 or confidences[pos + length] >= threshold):
+        while length < gamma and pos + length < n and (
+                length == 0 or conf[min(length, len(conf) - 1)][pos + length] >= threshold):
             length += 1
         a = 0
-        while a < length and matches[pos + a]:
+        while a < length and depth[min(a, len(depth) - 1)][pos + a]:
             a += 1
         drafted += length
         accepted += a
@@ -799,16 +932,25 @@ def simulate_with_stop(matches: Sequence[bool], confidences: Sequence[float], ga
     return steps, accepted, drafted
 
 
-def summarise(match_lists: Sequence[Sequence[bool]], losses: Sequence[float] | None = None) -> dict[str, Any]:
-    tokens = sum(len(m) for m in match_lists)
-    agree = sum(sum(m) for m in match_lists)
-    out: dict[str, Any] = {"tokens": tokens, "sequences": len(match_lists),
+def summarise(match_lists, losses: Sequence[float] | None = None) -> dict[str, Any]:
+    """Metrics over sequences: each item a list of booleans, or a list of them per draft depth."""
+    seqs = [_by_depth(m) for m in match_lists]
+    tokens = sum(len(d[0]) for d in seqs)
+    agree = sum(sum(d[0]) for d in seqs)
+    out: dict[str, Any] = {"tokens": tokens, "sequences": len(seqs),
                            "top1_agreement": round(agree / tokens, 4) if tokens else 0.0}
+    depth = max((len(d) for d in seqs), default=1)
+    if depth > 1:
+        per = []
+        for k in range(depth):
+            hits = [m for d in seqs if len(d) > k for m in d[k][k:]]
+            per.append(round(sum(hits) / len(hits), 4) if hits else 0.0)
+        out["agreement_by_draft_position"] = per
     per_len = {}
     for g in DRAFT_LENGTHS:
         steps = accepted = 0
-        for m in match_lists:
-            s, a = simulate_steps(m, g)
+        for d in seqs:
+            s, a = simulate_steps(d, g)
             steps += s
             accepted += a
         per_len[str(g)] = {"tokens_per_step": round(tokens / steps, 3) if steps else 0.0,
@@ -819,38 +961,50 @@ def summarise(match_lists: Sequence[Sequence[bool]], losses: Sequence[float] | N
     return out
 
 
-@torch.no_grad()
+def match_vectors(draft: DraftModel, e: Example, knowledge: dict[str, PairKnowledge], use_knowledge: bool = True,
+                  full_vocab: bool = False, steps: int = 3,
+                  use_features: bool = True) -> tuple[list[list[bool]], list[list[float]], float | None]:
+    """Per draft depth and answer token: does the draft agree, its confidence in its own top token, and the
+    depth-0 cross-entropy — with the vocabulary it would have at generation time (static ids + prompt +
+    knowledge)."""
+    with torch.no_grad():
+        k = knowledge_of(e, knowledge, draft)
+        vocab = torch.arange(draft.vocab_size) if full_vocab else draft.vocab_for(e.prompt, k.next_ids)
+        outs, _, _ = draft_outputs(draft, [e], knowledge, vocab, draft.vocab_index(vocab), use_knowledge, steps,
+                                   use_features)
+        n = len(e.answer)
+        matches, confs, loss = [], [], None
+        for d, o in enumerate(outs):
+            m = [False] * n
+            c = [0.0] * n
+            probs = torch.softmax(o.logits, -1)
+            conf, pred = probs.max(-1)
+            for a, ok, cf in zip(o.answer_index.tolist(), (pred == o.labels).tolist(), conf.tolist()):
+                m[a], c[a] = ok, cf
+            matches.append(m)
+            confs.append(c)
+            if d == 0:
+                ok = o.labels >= 0
+                if ok.any():
+                    loss = float(F.cross_entropy(o.logits[ok], o.labels[ok]))
+    return matches, confs, loss
+
+
 def evaluate(draft: DraftModel, examples: Sequence[Example], knowledge: dict[str, PairKnowledge],
-             use_knowledge: bool = True, full_vocab: bool = False) -> dict[str, Any]:
-    """Teacher-forced agreement with the base model's greedy answers, one sequence at a time with the vocabulary the
-    draft would have at generation time (static ids + prompt + knowledge)."""
+             use_knowledge: bool = True, full_vocab: bool = False, steps: int = 3,
+             use_features: bool = True) -> dict[str, Any]:
+    """Teacher-forced agreement with the base model's greedy answers (depth 0: the first drafted token) and the
+    simulated acceptance of longer drafts (deeper unrolled steps)."""
     was = draft.training
     draft.eval()
     matches, losses = [], []
     for e in examples:
-        k = knowledge_of(e, knowledge, draft)
-        vocab = torch.arange(draft.vocab_size) if full_vocab else draft.vocab_for(e.prompt, k.next_ids)
-        index = draft.vocab_index(vocab)
-        logits, labels, _ = batch_logits(draft, [e], knowledge, vocab, index, use_knowledge)
-        pred = logits.argmax(-1)
-        matches.append((pred == labels).tolist())
-        ok = labels >= 0
-        if ok.any():
-            losses.append(float(F.cross_entropy(logits[ok], labels[ok])))
+        m, _, loss = match_vectors(draft, e, knowledge, use_knowledge, full_vocab, steps, use_features)
+        matches.append(m)
+        if loss is not None:
+            losses.append(loss)
     draft.train(was)
     return summarise(matches, losses)
-
-
-def match_vector(draft: DraftModel, e: Example, knowledge: dict[str, PairKnowledge], use_knowledge: bool = True,
-                 full_vocab: bool = False) -> tuple[list[bool], list[float]]:
-    """Per answer token: does the draft agree, and its confidence in its own top token (for confidence stopping)."""
-    with torch.no_grad():
-        k = knowledge_of(e, knowledge, draft)
-        vocab = torch.arange(draft.vocab_size) if full_vocab else draft.vocab_for(e.prompt, k.next_ids)
-        logits, labels, _ = batch_logits(draft, [e], knowledge, vocab, draft.vocab_index(vocab), use_knowledge)
-        probs = torch.softmax(logits, -1)
-        conf, pred = probs.max(-1)
-    return (pred == labels).tolist(), conf.tolist()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -860,12 +1014,16 @@ def match_vector(draft: DraftModel, e: Example, knowledge: dict[str, PairKnowled
 
 def _optimizer(draft: DraftModel, lr: float, knowledge_lr: float) -> torch.optim.Optimizer:
     groups = []
-    layer_params = [p for p in draft.layers.parameters() if p.requires_grad]
+    # The trained layers and the feature fusion (which feeds them) at the fine-tuning rate: the fusion starts at
+    # zero, and larger steps on it knock the copied layers off their inputs.
+    layer_params = [p for name, p in draft.named_parameters()
+                    if p.requires_grad and name.startswith(("layers.", "fuse.", "feature_norm."))]
     if layer_params:
         groups.append({"params": layer_params, "lr": lr, "weight_decay": 0.0})
     gains = {id(p) for p in draft.knowledge.gains()}
-    groups.append({"params": [p for p in draft.knowledge.parameters() if p.requires_grad and id(p) not in gains],
-                   "lr": knowledge_lr, "weight_decay": 0.0})
+    taken = {id(p) for p in layer_params} | gains
+    new = [p for p in draft.parameters() if p.requires_grad and id(p) not in taken]
+    groups.append({"params": new, "lr": knowledge_lr, "weight_decay": 0.0})
     # Per-head scalars (temperature, sink, pointer gain) need to move by O(1): a larger step.
     groups.append({"params": list(draft.knowledge.gains()), "lr": knowledge_lr * GAIN_LR_FACTOR, "weight_decay": 0.0})
     return torch.optim.AdamW(groups, betas=(0.9, 0.95))
@@ -873,7 +1031,9 @@ def _optimizer(draft: DraftModel, lr: float, knowledge_lr: float) -> torch.optim
 
 def train_epoch(draft: DraftModel, optimizer, examples: Sequence[Example], knowledge: dict[str, PairKnowledge],
                 vocab: torch.Tensor, batch_size: int, seed: int, feature_weight: float = 0.0, bar=None,
-                feature_targets: dict[int, torch.Tensor] | None = None, use_knowledge: bool = True) -> float:
+                use_knowledge: bool = True, steps: int = 1) -> float:
+    """One pass over ``examples``; returns the mean loss (token cross-entropy of every unrolled step, plus the
+    weighted feature loss)."""
     draft.train()
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
@@ -882,12 +1042,15 @@ def train_epoch(draft: DraftModel, optimizer, examples: Sequence[Example], knowl
     params = draft.trainable_parameters()
     for i in range(0, len(order), batch_size):
         batch = [examples[j] for j in order[i : i + batch_size]]
-        logits, labels, z = batch_logits(draft, batch, knowledge, vocab, index, use_knowledge)
-        ok = labels >= 0
-        loss = F.cross_entropy(logits[ok], labels[ok])
-        if feature_weight and feature_targets is not None:
-            target = torch.cat([feature_targets[id(e)] for e in batch]).to(z.device, z.dtype)
-            loss = loss + feature_weight * F.smooth_l1_loss(z.float(), target.float())
+        outs, z0, target = draft_outputs(draft, batch, knowledge, vocab, index, use_knowledge, steps)
+        losses = []
+        for o in outs:
+            ok = o.labels >= 0
+            if ok.any():
+                losses.append(F.cross_entropy(o.logits[ok], o.labels[ok]))
+        loss = torch.stack(losses).mean()
+        if feature_weight and z0 is not None:
+            loss = loss + feature_weight * F.smooth_l1_loss(z0.float(), target.float())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -1028,25 +1191,29 @@ def train(runtime, epochs: int | None = None, batch_size: int | None = None, lr:
     else:
         all_keys = torch.cat([k.keys for k in data.knowledge.values()])
         draft.knowledge.set_statistics(all_keys)
-    # Trained parameters in fp32 (master weights); on a GPU the forward runs under bf16 autocast.
-    draft.layers.float()
-    draft.knowledge.float()
+    # Trained parameters in fp32 (master weights); with a bf16 base model the forward runs under autocast.
+    draft.float()
     train_vocab = draft.vocab_for(*tokens) if dcfg.vocab_frequent else torch.arange(draft.vocab_size)
+    steps = max(1, tcfg.unroll_steps) if dcfg.use_base_features else 1
 
-    frozen_states(draft, data.train + data.heldout)
-    t_states = time.perf_counter()
     eval_set = data.heldout or data.train
     eval_name = "heldout" if data.heldout else "train (no held-out split)"
+    needed = list(eval_set) if eval_only else data.train + data.heldout
+    frozen_states(draft, needed)
+    if dcfg.use_base_features:
+        data.info["features_computed"] = teacher_features(lm, needed, progress=progress)
+    t_states = time.perf_counter()
 
     # The untrained early exit: fresh copies of the same layers (so the inputs computed above fit), full head.
     baseline = evaluate(DraftModel(lm, dataclasses.replace(dcfg, vocab_frequent=0)), eval_set, data.knowledge,
-                        use_knowledge=False, full_vocab=True)
+                        use_knowledge=False, full_vocab=True, steps=1, use_features=False)
     result: dict[str, Any] = {"out": str(out), "eval_set": eval_name, "data": data.info,
                               "untrained_early_exit": baseline, "draft_config": dataclasses.asdict(dcfg)}
     if eval_only:
-        metrics = evaluate(draft, eval_set, data.knowledge)
+        metrics = evaluate(draft, eval_set, data.knowledge, steps=steps)
         result.update({"checkpoint": str(ckpt_path), "epoch": payload["epoch"], "metrics": metrics,
-                       "without_knowledge": evaluate(draft, eval_set, data.knowledge, use_knowledge=False),
+                       "without_knowledge": evaluate(draft, eval_set, data.knowledge, use_knowledge=False,
+                                                     steps=steps),
                        "seconds": round(time.perf_counter() - t_start, 2)})
         return result
 
@@ -1068,14 +1235,9 @@ def train(runtime, epochs: int | None = None, batch_size: int | None = None, lr:
         target = int(training_info.get("target_epoch", start_epoch))
         planned = epochs if epochs is not None else (target - start_epoch if target > start_epoch
                                                       else tcfg.num_epochs)
-    for group in optimizer.param_groups[:1]:
-        if len(draft.layers):
-            group["lr"] = lr
+    if len(draft.layers):
+        optimizer.param_groups[0]["lr"] = lr  # a resumed run may be given another --lr
     end_epoch = start_epoch + planned
-
-    feature_targets = None
-    if tcfg.feature_loss_weight > 0:
-        feature_targets = _feature_targets(lm, data.train)
 
     log = {"format": "kvdb.train_log", "base_model": lm.describe(), "draft_config": dataclasses.asdict(dcfg),
            "training": {"batch_size": batch_size, "lr": lr, **dataclasses.asdict(tcfg)}, "data": data.info,
@@ -1091,9 +1253,9 @@ def train(runtime, epochs: int | None = None, batch_size: int | None = None, lr:
             bar.set_description(f"epoch {epoch}/{end_epoch}")
             loss = train_epoch(draft, optimizer, data.train, data.knowledge, train_vocab, batch_size,
                                seed=tcfg.seed + epoch, feature_weight=tcfg.feature_loss_weight, bar=bar,
-                               feature_targets=feature_targets)
+                               steps=steps)
             train_seconds = time.perf_counter() - t0
-            held = evaluate(draft, eval_set, data.knowledge)
+            held = evaluate(draft, eval_set, data.knowledge, steps=steps)
             record = {"epoch": epoch, "train_loss": round(loss, 4), "heldout": held,
                       "seconds": round(train_seconds, 2), "eval_seconds": round(time.perf_counter() - t0 -
                                                                                 train_seconds, 2)}
@@ -1128,7 +1290,7 @@ def train(runtime, epochs: int | None = None, batch_size: int | None = None, lr:
     result.update({
         "epoch": history[-1]["epoch"] if history else start_epoch,
         "epochs_run": end_epoch - start_epoch,
-        "metrics": final["heldout"] if final else evaluate(draft, eval_set, data.knowledge),
+        "metrics": final["heldout"] if final else evaluate(draft, eval_set, data.knowledge, steps=steps),
         "train_loss": final["train_loss"] if final else None,
         "best": {"metric": best_metric, "path": best_path},
         "checkpoints": checkpoints,
@@ -1140,14 +1302,3 @@ def train(runtime, epochs: int | None = None, batch_size: int | None = None, lr:
         "seconds": round(time.perf_counter() - t_start, 2),
     })
     return result
-
-
-@torch.no_grad()
-def _feature_targets(lm, examples: Sequence[Example]) -> dict[int, torch.Tensor]:
-    """The base model's final hidden state (after its norm) at each answer position: EAGLE's feature target."""
-    out = {}
-    for e in examples:
-        ids = torch.tensor([e.ids], device=lm.device)
-        h = lm.decoder(input_ids=ids).last_hidden_state[0, e.first : e.first + len(e.answer)]
-        out[id(e)] = h.to("cpu", torch.float16)
-    return out
