@@ -1106,6 +1106,10 @@ def _plot(out: Path, history: list[dict[str, Any]], baseline: dict[str, Any] | N
         ax2.axhline(baseline["top1_agreement"], color="grey", linestyle=":", label="untrained early exit")
     ax2.set_ylim(0, 1)
     ax2.set_xlabel("epoch")
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax2.set_ylabel("held-out acceptance")
     ax2.legend()
     fig.tight_layout()
@@ -1268,11 +1272,15 @@ def train(runtime, epochs: int | None = None, batch_size: int | None = None, lr:
             metrics = {"train_loss": record["train_loss"], "heldout": held, "untrained_early_exit": baseline}
             if improved:
                 best_metric = held["top1_agreement"]
+                superseded = best_path if best_path in checkpoints else None
                 best_path = str(out / f"best_draft_model_epoch{epoch}.pth")
                 training_info.update(best_metric=best_metric, best_path=best_path)
                 save_checkpoint(Path(best_path), draft, epoch=epoch, metrics=metrics, optimizer_state=state,
                                 training=training_info, history=history)
                 checkpoints.append(best_path)
+                if superseded:  # this run's previous best (~60 MB for SmolLM2): the new one replaces it
+                    Path(superseded).unlink(missing_ok=True)
+                    checkpoints.remove(superseded)
             if tcfg.save_every > 0 and epoch % tcfg.save_every == 0:
                 path = out / f"draft_model_epoch{epoch}.pth"
                 save_checkpoint(path, draft, epoch=epoch, metrics=metrics, optimizer_state=state,

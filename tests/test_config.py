@@ -11,7 +11,8 @@ def test_shipped_configs_load_with_seed_defaults():
     assert cfg.model.source == "embedded:smollm2"
     assert cfg.embedder.source == "embedded:minilm"
     assert cfg.draft.num_sampled_layers == 3
-    assert (cfg.training.batch_size, cfg.training.learning_rate, cfg.training.num_epochs) == (8, 3e-5, 5)
+    # lr 3e-4 rather than the seed's 3e-5: measured better by benchmarks/bench_draft.py (see configs/default.yaml)
+    assert (cfg.training.batch_size, cfg.training.learning_rate, cfg.training.num_epochs) == (8, 3e-4, 5)
     assert cfg.training.save_every == 5
     qwen = load_config(CONFIG_DIR / "qwen3_0.6b.yaml")
     assert qwen.model.source == "Qwen/Qwen3-0.6B"
