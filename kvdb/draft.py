@@ -557,15 +557,15 @@ def save_checkpoint(path: Path, draft: DraftModel, *, epoch: int, metrics: dict[
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load and check the envelope of a checkpoint (never unpickles objects: ``weights_only=True``)."""
-    import pickle
     import zipfile
+    from pickle import UnpicklingError
 
     path = Path(path)
     if not path.is_file():
         raise NotFoundError(f"checkpoint {path} does not exist")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except UnpicklingError:
         raise ForeignFileError(f"{path} is not a kvdb draft checkpoint (it holds objects that only a pickle of code "
                                "could rebuild, which kvdb never loads)") from None
     except (zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError) as exc:

@@ -61,10 +61,10 @@ from kvdb.errors import (
     StoreError,
     ValidationError,
 )
+from kvdb.export import load_cache
 from kvdb.fileio import atomic_write_bytes
 from kvdb.prompt import PROMPT_FORMAT, Reference, prompt_ids
 
-CACHE_FORMAT = "kvdb.knowledge_cache"
 DRAFT_LENGTHS = (1, 2, 4, 8)
 LOG_FILE = "train_log.json"
 PLOT_FILE = "train_curves.png"
@@ -137,34 +137,11 @@ def load_store_sources(runtime, fingerprint: str, key_layer: int, value_layer: i
     return Sources(pairs, knowledge, "store", skipped=len(rows) - len(pairs))
 
 
-def _load_cache_file(path: Path) -> dict[str, Any]:
-    """The cache as a dict, via kvdb.export's reader (which checks format and version) when it is there."""
-    try:
-        from kvdb.export import load_cache
-    except ImportError:
-        load_cache = None
-    if load_cache is not None:
-        return load_cache(path)
-    import pickle
-    import zipfile
-
-    if not path.is_file():
-        raise NotFoundError(f"cache file {path} does not exist; write one with `kvdb export`")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError):
-        raise ForeignFileError(f"{path} is not a kvdb knowledge cache (it cannot be read as one); write one with "
-                               "`kvdb export`") from None
-    if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT:
-        raise ForeignFileError(f"{path} is not a kvdb knowledge cache; write one with `kvdb export`")
-    return data
-
-
 def read_cache(path: str | os.PathLike, fingerprint: str, key_layer: int, value_layer: int,
                store_hashes: set[str] | None = None) -> Sources:
     """Read an exported ``knowledge_cache*.pth`` defensively (all layout knowledge of the export lives here)."""
     path = Path(path)
-    data = _load_cache_file(path)
+    data = load_cache(path)  # checks format, version and one entry per pair; weights_only
     model = data.get("model") or {}
     if not isinstance(model, dict) or model.get("fingerprint") != fingerprint:
         name = model.get("name", "another model") if isinstance(model, dict) else "another model"
