@@ -474,6 +474,24 @@ def train(ctx, epochs, batch_size, lr, resume, cache, out, eval_only, as_json) -
     click.echo(json.dumps(result, indent=2, ensure_ascii=False, default=str))
 
 
+# -- doctor ---------------------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--repair", is_flag=True, help="Fix what can be rebuilt: bad blobs, orphan rows, the index, temp files.")
+@json_option
+@click.pass_context
+def doctor(ctx, repair, as_json) -> None:
+    """Check the schema, integrity, blobs, index and files of the home; --repair fixes what can be rebuilt."""
+    from kvdb.doctor import check, raise_if_problems
+
+    report = check(_rt(ctx), repair=repair)
+    if as_json:
+        emit_json(report.as_dict())
+    else:
+        for f in report.findings:
+            click.echo(f"{f.status:<9} {f.check:<13} {f.detail}")
+    raise_if_problems(report)
+
+
 # -- schema ---------------------------------------------------------------------------------------------------
 @cli.group(cls=KvdbGroup)
 def db() -> None:
