@@ -1,5 +1,5 @@
 """Draft benchmark: train the knowledge-aware draft on the default set with the embedded SmolLM2-135M, then measure
-it on paraphrased questions it never saw (benchmarks/data/paraphrases.jsonl; never trained on).
+it on paraphrased questions it never saw (kvdb/data/paraphrases.jsonl; never trained on).
 
 Reports: held-out top-1 agreement with the base model along its own greedy answers (trained draft, the same draft
 without its knowledge, the untrained 3-layer early exit), split by pairs the draft trained on vs the held-out pairs;
@@ -57,7 +57,7 @@ from kvdb.train import (  # noqa: E402
     train,
 )
 
-PARAPHRASES = Path(__file__).resolve().parent / "data" / "paraphrases.jsonl"
+PARAPHRASES = Path(__file__).resolve().parent.parent / "kvdb" / "data" / "paraphrases.jsonl"
 
 
 def cpu_seconds() -> float:

@@ -27,7 +27,7 @@ from kvdb.rerank import LMReranker  # noqa: E402
 from kvdb.retrieve import Retriever  # noqa: E402
 from kvdb.runtime import Runtime  # noqa: E402
 
-DATA = ROOT / "benchmarks" / "data"
+DATA = ROOT / "kvdb" / "data"
 
 
 def load_jsonl(path: Path) -> list[dict]:

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvdb.decode import CopySource, DraftPolicy, ExactAnswerSource, speculative_generate
-from kvdb.errors import ForeignFileError, KvdbError, ValidationError
+from kvdb.decode import CopySource, DraftPolicy, ExactAnswerSource, draft_only_generate, speculative_generate
+from kvdb.errors import ForeignFileError, KvdbError, NotBuiltError, ValidationError
 from kvdb.lm import LM, load_model
 from kvdb.prompt import Reference, prompt_ids
 from kvdb.retrieve import QueryResult, Retriever
@@ -33,24 +33,67 @@ class Answer:
     stats: dict[str, Any]
     draft: str | None = None
     notices: list[str] = field(default_factory=list)
+    verified: bool = True  # False: the draft's own answer (--draft-only), not checked by the base model
 
     def as_dict(self) -> dict[str, Any]:
         out = self.result.as_dict()
         stats = {k: self.stats[k] for k in ("seconds", "new_tokens", "verify_steps", "drafted", "accepted")}
         stats.update({k: v for k, v in self.stats.items() if k not in stats})
         out.update({"answer": self.answer, "prompt_ids": self.prompt_ids, "output_ids": self.output_ids,
-                    "stats": stats, "draft": self.draft})
+                    "stats": stats, "draft": self.draft, "verified": self.verified})
         return out
 
 
-class Answerer:
-    """Holds the loaded models for many questions (one process, `kvdb query --file ... --generate`)."""
+class StoreKnowledge:
+    """Retrieval, recorded answers and pair vectors from the store (the default; `--cache` uses kvdb.deployed)."""
 
-    def __init__(self, rt: Runtime, draft_path: str | None = None, use_draft: bool = True, lm: LM | None = None):
+    def __init__(self, rt: Runtime, lm: LM):
+        self.rt, self.lm = rt, lm
+        self.retriever = Retriever(rt.config, rt.home, rt.store, lm=lm, model_fingerprint=lm.fingerprint)
+
+    def recorded_answers(self, hashes: list[str]) -> list[list[int]]:
+        """The base model's recorded answers to the pairs ``hashes`` (under whatever references they had)."""
+        from sqlalchemy import select
+
+        from kvdb.prompt import PROMPT_FORMAT
+        from kvdb.store.blobs import unpack
+        from kvdb.store.models import BaseAnswer
+
+        out = []
+        with self.rt.store.read() as session:
+            for row in session.scalars(select(BaseAnswer).where(
+                    BaseAnswer.fingerprint == self.lm.fingerprint, BaseAnswer.prompt_format == PROMPT_FORMAT,
+                    BaseAnswer.pair_hash.in_(hashes))):
+                try:
+                    out.append(unpack(row.data, row.checksum, "base answer")["output_ids"].tolist())
+                except KvdbError:
+                    continue  # a damaged recording only costs speed; kvdb doctor reports it
+        return out
+
+    def pair_knowledge(self, draft, hashes: list[str]):
+        from kvdb.draft import load_knowledge
+
+        return load_knowledge(self.rt.store, draft, hashes)
+
+
+class Answerer:
+    """Holds the loaded models for many questions (one process, `kvdb query --file ... --generate`).
+
+    ``cache``: answer from an exported knowledge cache alone (retrieval and vectors from the file; nothing is read
+    from or written to the store)."""
+
+    def __init__(self, rt: Runtime, draft_path: str | None = None, use_draft: bool = True, lm: LM | None = None,
+                 cache: str | None = None):
         self.rt = rt
         self.lm = lm or load_model(rt.config.model, rt.home)
-        self.retriever = Retriever(rt.config, rt.home, rt.store, lm=self.lm,
-                                   model_fingerprint=self.lm.fingerprint)
+        if cache is not None:
+            from kvdb.deployed import CacheKnowledge
+
+            self.knowledge = CacheKnowledge(rt.config, rt.home, cache, self.lm)
+        else:
+            self.knowledge = StoreKnowledge(rt, self.lm)
+        self.from_cache = cache is not None
+        self.retriever = self.knowledge.retriever
         self.notices: list[str] = []
         self.draft = None
         self.draft_name: str | None = None
@@ -86,69 +129,79 @@ class Answerer:
                 f"the prompt is {len(ids)} tokens; with {max_new_tokens} new tokens it exceeds the model's context "
                 f"of {self.lm.max_positions}; ask a shorter question or lower --top-k / --max-new-tokens")
 
-    def sources(self, ids: list[int], result: QueryResult, query: str, max_new_tokens: int, book) -> list:
+    def sources(self, ids: list[int], result: QueryResult, query: str, book, learned: bool = True) -> list:
+        """The draft sources for one prompt: a recorded answer to it, copies, and the learned draft (``learned``)."""
         from kvdb.train import AnswerRequest
 
         sources: list = []
-        top = result.matches[0] if result.matches else None
-        verbatim = top is not None and normalise(top.question).casefold() == normalise(query).casefold()
-        request = AnswerRequest(prompt=ids, pair_hash=top.hash if verbatim else None)
-        book.lookup([request])
-        if request.output:
-            sources.append(ExactAnswerSource(ids, request.output))
-        copies = [self.lm.encode(m.answer) for m in result.matches]
-        copies += self._recorded_answers([m.hash for m in result.matches])
+        if book is not None:
+            request = AnswerRequest(prompt=ids, pair_hash=self._own_pair(result, query))
+            book.lookup([request])
+            if request.output:
+                sources.append(ExactAnswerSource(ids, request.output))
+        hashes = [m.hash for m in result.matches]
+        copies = [self.lm.encode(m.answer) for m in result.matches] + self.knowledge.recorded_answers(hashes)
         sources.append(CopySource(copies, search_context=True))  # the prompt holds the references too
-        if self.draft is not None and result.matches:
-            from kvdb.draft import LearnedDraftSource, load_knowledge
-
-            knowledge = load_knowledge(self.rt.store, self.draft, [m.hash for m in result.matches])
-            sources.append(LearnedDraftSource(self.draft, self.lm, knowledge))
+        if learned and self.draft is not None and result.matches:
+            sources.append(self.learned_source(result))
         return sources
 
-    def _recorded_answers(self, hashes: list[str]) -> list[list[int]]:
-        from sqlalchemy import select
+    def learned_source(self, result: QueryResult):
+        from kvdb.draft import LearnedDraftSource
 
-        from kvdb.prompt import PROMPT_FORMAT
-        from kvdb.store.blobs import unpack
-        from kvdb.store.models import BaseAnswer
+        return LearnedDraftSource(self.draft, self.lm,
+                                  self.knowledge.pair_knowledge(self.draft, [m.hash for m in result.matches]))
 
-        out = []
-        with self.rt.store.read() as session:
-            for row in session.scalars(select(BaseAnswer).where(
-                    BaseAnswer.fingerprint == self.lm.fingerprint, BaseAnswer.prompt_format == PROMPT_FORMAT,
-                    BaseAnswer.pair_hash.in_(hashes))):
-                try:
-                    out.append(unpack(row.data, row.checksum, "base answer")["output_ids"].tolist())
-                except KvdbError:
-                    continue  # a damaged recording only costs speed; kvdb doctor reports it
-        return out
+    @staticmethod
+    def _own_pair(result: QueryResult, query: str) -> str | None:
+        """The top pair's hash when the query is that pair's own question (its answer is kept in the store)."""
+        top = result.matches[0] if result.matches else None
+        verbatim = top is not None and normalise(top.question).casefold() == normalise(query).casefold()
+        return top.hash if verbatim else None
 
-    def answer(self, query: str, max_new_tokens: int | None = None, top_k: int | None = None,
-               domain: str | None = None, on_tokens: Callable[[list[int]], None] | None = None,
-               record: bool = True) -> Answer:
-        from kvdb.train import AnswerBook, AnswerRequest
-
+    def prepare(self, query: str, max_new_tokens: int | None = None, top_k: int | None = None,
+                domain: str | None = None) -> tuple[QueryResult, list[int], int]:
+        """Retrieve and build the prompt: (result, prompt ids, max_new_tokens), limits checked."""
         if max_new_tokens is None:
             max_new_tokens = self.rt.config.generation.max_new_tokens
         (result,) = self.retriever.search([query], top_k, domain)
         ids = prompt_ids(self.lm, query, [Reference(m.question, m.answer) for m in result.matches])
         self._check_limits(ids, max_new_tokens)
-        book = AnswerBook(self.rt, self.lm, max_new_tokens, replace_stored=False)
-        sources = self.sources(ids, result, query, max_new_tokens, book)
+        return result, ids, max_new_tokens
+
+    def answer(self, query: str, max_new_tokens: int | None = None, top_k: int | None = None,
+               domain: str | None = None, on_tokens: Callable[[list[int]], None] | None = None,
+               record: bool = True, learned: bool = True) -> Answer:
+        from kvdb.train import AnswerBook, AnswerRequest
+
+        result, ids, max_new_tokens = self.prepare(query, max_new_tokens, top_k, domain)
+        book = None if self.from_cache else AnswerBook(self.rt, self.lm, max_new_tokens, replace_stored=False)
+        sources = self.sources(ids, result, query, book, learned)
         policy = DraftPolicy(max_draft=self.rt.config.generation.max_draft_tokens)
         generated = speculative_generate(self.lm.model, ids, max_new_tokens, self.lm.eos_ids, sources, policy,
                                          on_tokens=on_tokens)
-        if record and not any(isinstance(s, ExactAnswerSource) for s in sources):
-            top = result.matches[0] if result.matches else None
-            verbatim = top is not None and normalise(top.question).casefold() == normalise(query).casefold()
+        if book is not None and record and not any(isinstance(s, ExactAnswerSource) for s in sources):
             try:
-                book.record([AnswerRequest(prompt=ids, pair_hash=top.hash if verbatim else None,
+                book.record([AnswerRequest(prompt=ids, pair_hash=self._own_pair(result, query),
                                            output=generated.output_ids)])
             except KvdbError as exc:
                 self.notices.append(f"answer not recorded: {exc}")
         return Answer(result, self.lm.decode(generated.output_ids), ids, generated.output_ids, generated.stats,
-                      self.draft_name)
+                      self.draft_name if learned else None)
+
+    def answer_draft_only(self, query: str, max_new_tokens: int | None = None, top_k: int | None = None,
+                          domain: str | None = None,
+                          on_tokens: Callable[[list[int]], None] | None = None) -> Answer:
+        """The learned draft answers alone: its greedy tokens, never checked by the base model (``verified`` false)."""
+        if self.draft is None:
+            raise NotBuiltError("--draft-only needs a trained draft: run `kvdb train`, or pass --draft CKPT")
+        result, ids, max_new_tokens = self.prepare(query, max_new_tokens, top_k, domain)
+        generated = draft_only_generate(self.learned_source(result), ids, max_new_tokens, self.lm.eos_ids,
+                                        on_tokens=on_tokens)
+        answer = Answer(result, self.lm.decode(generated.output_ids), ids, generated.output_ids, generated.stats,
+                        self.draft_name)
+        answer.verified = False
+        return answer
 
     def flush_notices(self) -> None:
         self.retriever.flush_notices()

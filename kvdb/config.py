@@ -122,10 +122,12 @@ class TrainingConfig:
     feature_loss_weight: float = 0.0
     # Batch size of the base model's greedy answers (data preparation).
     answer_batch_size: int = 16
-    # Re-rank the training questions' references with the base model as `kvdb query` does (index.rerank). Off by
-    # default: re-ranking every training question costs more than answering it, and the draft learns to read
-    # whichever pairs it is given.
-    rerank_references: bool = False
+    # Retrieve each pair's own question exactly as `kvdb query` does (re-ranking when index.rerank is on), so the
+    # base model's answer recorded for it is under the very prompt `kvdb query --generate` builds, and a stored
+    # question asked verbatim is answered by verifying that recording in a few long steps. Costs one re-rank per
+    # pair (variants share their pair's references); false: embedding search only (the draft reads whichever
+    # pairs it is given, but verbatim questions then miss their recording until asked once).
+    rerank_references: bool = True
     # Draft steps unrolled in training (EAGLE-3's training-time test): step i reads the draft's own feature
     # estimates for the i positions before it, as when it drafts i tokens past the verified ones.
     unroll_steps: int = 3

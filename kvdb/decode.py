@@ -90,6 +90,8 @@ class DraftSource(Protocol):
       the proposal; otherwise (the default, e.g. a learned draft) it is asked only when its expected gain is the best.
     - ``max_draft: int``: the longest draft worth asking for (overrides ``DraftPolicy.max_draft``).
     - ``prior: float``: the per-token acceptance to assume before any evidence (default ``DraftPolicy.prior``).
+    - ``token_cost: float``: the time to propose one token, in plain base-model steps (default 0: a lookup). The
+      policy adds it to the verify cost, so a draft that is itself slow must be accepted more to be worth asking.
     - ``observe(context, n_accepted)``: called after prefill and after every step that does not end the answer;
       ``n_accepted`` is how many of this source's draft tokens the base model kept in that step, or None when the
       step verified another source's draft or none.
@@ -311,22 +313,25 @@ class DraftPolicy:
         self._tracks = {}
         self._sources = list(sources)
 
-    def cost(self, k: int) -> float:
-        """Time of a verify pass over 1 + k tokens, in plain steps."""
-        return 1.0 + (self._overhead + self._per_token * k if k else 0.0)
+    def cost(self, k: int, draft_cost: float = 0.0) -> float:
+        """Time of drafting k tokens (``draft_cost`` each) and a verify pass over 1 + k tokens, in plain steps."""
+        return 1.0 + ((self._overhead + (self._per_token + draft_cost) * k) if k else 0.0)
 
-    def gain(self, p: float, k: int) -> float:
+    def gain(self, p: float, k: int, draft_cost: float = 0.0) -> float:
         """Expected tokens per unit of time (a plain step = 1) for a k-token draft accepted per token with p."""
-        return expected_tokens(p, k) / self.cost(k)
+        return expected_tokens(p, k) / self.cost(k, draft_cost)
 
-    def best_k(self, p: float, cap: int) -> tuple[int, float]:
+    def best_k(self, p: float, cap: int, draft_cost: float = 0.0) -> tuple[int, float]:
         """(k, gain) maximising the gain for 1 <= k <= cap; (0, 1.0) when no draft beats a plain step."""
         best_k, best = 0, 1.0
         for k in range(1, cap + 1):
-            g = self.gain(p, k)
+            g = self.gain(p, k, draft_cost)
             if g > best:
                 best_k, best = k, g
         return best_k, best
+
+    def _draft_cost(self, index: int) -> float:
+        return float(getattr(self._sources[index], "token_cost", 0.0) or 0.0)
 
     def _cap(self, index: int) -> int:
         return int(getattr(self._sources[index], "max_draft", None) or self.max_draft)
@@ -359,7 +364,7 @@ class DraftPolicy:
             track = self._track(i, "*")
             if track.wake_at > self.step:
                 continue
-            k, g = self.best_k(track.p, min(track.max_k, limit))
+            k, g = self.best_k(track.p, min(track.max_k, limit), self._draft_cost(i))
             if k:
                 costly.append((g, i, k))
         costly.sort(key=lambda o: -o[0])
@@ -368,7 +373,7 @@ class DraftPolicy:
     def promise(self, index: int) -> float:
         """The gain a costly source's record promises before it is asked (0 when it is sleeping)."""
         track = self._track(index, "*")
-        return 0.0 if track.wake_at > self.step else self.best_k(track.p, track.max_k)[1]
+        return 0.0 if track.wake_at > self.step else self.best_k(track.p, track.max_k, self._draft_cost(index))[1]
 
     def judge(self, index: int, draft: list[int]) -> tuple[int, float]:
         """(tokens of ``draft`` worth verifying, expected gain) from the record of its (source, key)."""
@@ -376,6 +381,7 @@ class DraftPolicy:
         track = self._track(index, key, prior)
         if track.wake_at > self.step:
             return 0, 1.0
+        # The draft is already made: only the verify cost is still to pay.
         return self.best_k(track.p, min(track.max_k, len(draft)))
 
     def update(self, index: int | None, draft: list[int], accepted: int) -> None:
@@ -661,8 +667,45 @@ class _FirstTokenClock:
 
 
 @torch.inference_mode()
-def greedy_generate(model, prompt_ids: list[int], max_new_tokens: int, eos_ids: Sequence[int]) -> GenerationResult:
-    """The baseline: plain ``model.generate(do_sample=False)``, no drafts; same result type and stats keys."""
+def draft_only_generate(source: DraftSource, prompt_ids: list[int], max_new_tokens: int, eos_ids: Sequence[int],
+                        chunk: int = 16, on_tokens: Callable[[list[int]], None] | None = None) -> GenerationResult:
+    """The draft source's own continuation, never verified (`kvdb query --draft-only`): what it would propose if
+    every token were accepted. Fast and approximate; not the base model's answer."""
+    _validate(prompt_ids, max_new_tokens)
+    eos = frozenset(eos_ids)
+    output: list[int] = []
+    steps = 0
+    t0 = time.perf_counter()
+    ttft = None
+    while len(output) < max_new_tokens:
+        tokens = [int(t) for t in source.propose(list(prompt_ids) + output, min(chunk, max_new_tokens - len(output)))]
+        steps += 1
+        if not tokens:
+            break
+        for i, tok in enumerate(tokens):
+            if tok in eos:
+                tokens = tokens[:i + 1]
+                break
+        if ttft is None:
+            ttft = time.perf_counter() - t0
+        output += tokens
+        if on_tokens is not None:
+            on_tokens(tokens)
+        if tokens[-1] in eos:
+            break
+    seconds = time.perf_counter() - t0
+    stats = _stats(seconds, ttft or seconds, len(output), 0, len(output), 0, {})
+    stats["draft_calls"] = steps
+    return GenerationResult(output, stats)
+
+
+@torch.inference_mode()
+def greedy_generate(model, prompt_ids: list[int], max_new_tokens: int, eos_ids: Sequence[int],
+                    **generate_kwargs: Any) -> GenerationResult:
+    """The baseline: plain ``model.generate(do_sample=False)``, no drafts; same result type and stats keys.
+
+    ``generate_kwargs`` pass Hugging Face's own greedy accelerations for comparison (``prompt_lookup_num_tokens``,
+    ``assistant_early_exit``); their draft counts are not visible from outside, so those stats stay 0."""
     _validate(prompt_ids, max_new_tokens)
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # [1, T]
@@ -673,13 +716,14 @@ def greedy_generate(model, prompt_ids: list[int], max_new_tokens: int, eos_ids: 
     clock = _FirstTokenClock(device)
     t0 = time.perf_counter()
     out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
-                         eos_token_id=eos, pad_token_id=pad, streamer=clock)  # [1, T + new]
+                         eos_token_id=eos, pad_token_id=pad, streamer=clock, **generate_kwargs)  # [1, T + new]
     new = out[0, len(prompt_ids):].tolist()
     seconds = time.perf_counter() - t0
     ttft = (clock.first_at - t0) if clock.first_at is not None else seconds
-    return GenerationResult(new, _stats(seconds, ttft, len(new), max(len(new) - 1, 0), 0, 0, {}))
+    steps = 0 if generate_kwargs else max(len(new) - 1, 0)  # plain greedy: one pass per token after the prefill
+    return GenerationResult(new, _stats(seconds, ttft, len(new), steps, 0, 0, {}))
 
 
 __all__ = ["COPY_PRIORS", "CopySource", "DecodeState", "DraftPolicy", "DraftSource", "ExactAnswerSource",
-           "GenerationResult", "Proposal", "accept", "expected_tokens", "greedy_generate", "prefill", "propose",
+           "GenerationResult", "Proposal", "accept", "draft_only_generate", "expected_tokens", "greedy_generate", "prefill", "propose",
            "select_draft", "speculative_generate", "verify"]

@@ -343,6 +343,7 @@ class DraftModel(nn.Module):
         import copy
 
         self.cfg = cfg
+        self.heldout_top1: float | None = None  # set by load_draft from the checkpoint's metrics
         self.fingerprint: str = lm.fingerprint
         self.base_name: str = lm.ref.name
         self.hidden_size: int = lm.hidden_size
@@ -621,6 +622,10 @@ def load_draft(path: str | os.PathLike, lm, cfg: DraftConfig | None = None) -> D
         raise CorruptError(f"{path} does not fit the draft it describes ({first[:160]}); train again") from None
     draft.to(lm.device, lm.dtype)
     draft.eval()
+    metrics = payload.get("metrics") if isinstance(payload.get("metrics"), dict) else {}
+    held = metrics.get("heldout") if isinstance(metrics.get("heldout"), dict) else {}
+    top1 = held.get("top1_agreement")
+    draft.heldout_top1 = float(top1) if isinstance(top1, (int, float)) and 0 < top1 < 1 else None
     return draft
 
 
@@ -696,6 +701,10 @@ class LearnedDraftSource:
         self._mem: KnowledgeBatch | None = None
         self.drafted = 0
         self.forwards = 0
+        # For DraftPolicy: a draft token costs about the draft's layers (+1 for head and knowledge) over the base
+        # model's; the acceptance to expect before any evidence is the held-out top-1 agreement training measured.
+        self.token_cost = (draft.cfg.num_sampled_layers + 1) / max(1, lm.num_layers)
+        self.prior = getattr(draft, "heldout_top1", None) or 0.3
 
     def _build_vocab(self, context: list[int]) -> None:
         d = self.draft

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -184,11 +184,8 @@ class Retriever:
             raise NotBuiltError("no pair has an embedding yet; run `kvdb build` first")
         allowed = None
         if domain is not None:
-            with self.store.read() as session:
-                did = domain_id(session, domain)
-                pids = np.fromiter(session.scalars(select(Pair.id).where(Pair.domain_id == did)), dtype=np.int64)
             ids = index.ids()
-            allowed = ids[np.isin(ids // SLOTS, pids)]
+            allowed = ids[np.isin(ids // SLOTS, self._domain_pair_ids(domain))]
         vectors = self.embedder().embed(queries)
         depth = max(k, self.config.index.rerank_candidates) if self.rerank else k
         hits = index.search(vectors, depth * 8 + 16, allowed_ids=allowed)
@@ -196,8 +193,7 @@ class Retriever:
         rows = self._pairs({pid for r in ranked for pid, _ in r})
         results = []
         for query, top in zip(queries, ranked):
-            matches = [Match(rows[pid].hash, rows[pid].domain.name, rows[pid].question, rows[pid].answer,
-                             float(score), rows[pid].meta or {}, pid) for pid, score in top if pid in rows]
+            matches = [replace(rows[pid], score=float(score)) for pid, score in top if pid in rows]
             if self.rerank and len(matches) > 0:
                 matches = self._rerank(query, matches)
                 threshold = self.config.index.confident_threshold
@@ -215,11 +211,18 @@ class Retriever:
             m.score = m.score + weight * float(c - null)
         return sorted(matches, key=lambda m: -m.score)
 
-    def _pairs(self, pids: set[int]) -> dict[int, Pair]:
+    def _pairs(self, pids: set[int]) -> dict[int, Match]:
+        """The pairs behind index ids (score 0: the caller sets it)."""
         if not pids:
             return {}
         with self.store.read() as session:
-            return {p.id: p for p in session.scalars(select(Pair).where(Pair.id.in_(sorted(pids))))}
+            return {p.id: Match(p.hash, p.domain.name, p.question, p.answer, 0.0, p.meta or {}, p.id)
+                    for p in session.scalars(select(Pair).where(Pair.id.in_(sorted(pids))))}
+
+    def _domain_pair_ids(self, domain: str) -> np.ndarray:
+        with self.store.read() as session:
+            did = domain_id(session, domain)
+            return np.fromiter(session.scalars(select(Pair.id).where(Pair.domain_id == did)), dtype=np.int64)
 
     def flush_notices(self) -> None:
         for notice in self.notices:

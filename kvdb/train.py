@@ -658,7 +658,7 @@ def prepare(runtime, lm, draft_cfg: DraftConfig, cache: str | os.PathLike | None
     else:
         sources = load_store_sources(runtime, lm.fingerprint, key_layer, value_layer)
     refs_for = references_for or default_references(runtime, lm, sources, cfg.index.top_k,
-                                                    rerank=tcfg.rerank_references)
+                                                    rerank=None if tcfg.rerank_references else False)
     items = build_examples(lm, sources, refs_for, tcfg, seed=tcfg.seed)
     heldout_pairs = split_pairs([p.hash for p in sources.pairs], tcfg.holdout_fraction, tcfg.seed)
     requests, meta = [], []

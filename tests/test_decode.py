@@ -387,6 +387,37 @@ def test_policy_asks_a_costly_source_only_when_it_pays():
     assert policy.ask(50) == [(0, policy.probe_k)]
 
 
+def test_policy_weighs_what_a_draft_costs_to_make():
+    class Slow:
+        name = "learned"
+        prior = 0.3  # e.g. the held-out agreement of a weak trained draft
+        token_cost = 0.13  # ~4 of 30 layers per drafted token
+
+        def propose(self, context, k):
+            return [1] * k
+
+    slow = Slow()
+    policy = DraftPolicy()
+    policy.start([slow], torch.device("cpu"))
+    assert policy.ask(50) == [] and policy.promise(0) == 1.0  # slower than plain steps: never asked
+    slow.prior = 0.9
+    policy.start([slow], torch.device("cpu"))
+    assert policy.ask(50) and policy.promise(0) > 1.5  # a good draft is worth its cost
+    free, dear = policy.gain(0.6, 4), policy.gain(0.6, 4, draft_cost=0.13)
+    assert dear == pytest.approx(expected_tokens(0.6, 4) / policy.cost(4, 0.13)) and dear < free
+
+
+def test_draft_only_generate_is_the_sources_own_greedy_continuation(models):
+    from kvdb.decode import draft_only_generate
+
+    prompt = [5, 6, 7]
+    answer = [11, 12, 13, 14, 0, 15]  # 0 is eos
+    out = draft_only_generate(ExactAnswerSource(prompt, answer), prompt, 20, [0], chunk=2)
+    assert out.output_ids == [11, 12, 13, 14, 0] and out.stats["verify_steps"] == 0
+    assert draft_only_generate(ExactAnswerSource(prompt, answer), prompt, 3, [0]).output_ids == [11, 12, 13]
+    assert draft_only_generate(CopySource([]), prompt, 5, [0]).output_ids == []  # no guess: an empty answer
+
+
 def test_input_checks(models):
     model = models["llama"]
     with pytest.raises(ValidationError):

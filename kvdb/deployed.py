@@ -1,0 +1,90 @@
+"""Answering from an exported ``knowledge_cache.pth`` alone (`kvdb query --cache`), without the store.
+
+A deployment can ship a cache and a draft checkpoint and nothing else, as the seed's inference script did. The cache
+carries what the engine needs: each pair's text, its field embeddings (for the same FAISS search the store's index
+serves) and its per-token vectors (for the learned draft). Nothing is written: no index file, no recorded answers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kvdb.config import Config, Home
+from kvdb.errors import ForeignFileError, NotFoundError
+from kvdb.export import load_cache
+from kvdb.index import VectorIndex
+from kvdb.retrieve import SLOTS, Match, Retriever, field_vectors, index_spec
+
+
+class CacheRetriever(Retriever):
+    """Retriever over a loaded cache: the index is built in memory from the cache's field embeddings; pair ids are
+    positions in the cache's ``qa_pairs``."""
+
+    def __init__(self, config: Config, home: Home, cache: dict[str, Any], path: str, lm=None,
+                 rerank: bool | None = None):
+        super().__init__(config, home, store=None, model_fingerprint=cache["model"].get("fingerprint"), lm=lm,
+                         rerank=rerank)
+        stored = (cache.get("embedder") or {}).get("key")
+        if stored != self.ref.key:
+            raise ForeignFileError(f"{path} holds embeddings of {stored or 'an unknown embedder'}, but the config's "
+                                   f"embedder is {self.ref.key}; export the cache again with this embedder")
+        self.cache = cache
+        ids, vecs = [], []
+        for pid, fields in enumerate(cache["embedding_fields"]):
+            for slot, vec in field_vectors({k: v.float().numpy() for k, v in fields.items()}):
+                ids.append(pid * SLOTS + slot)
+                vecs.append(vec)
+        dim = len(vecs[0]) if vecs else 1
+        matrix = np.stack(vecs).astype(np.float32) if vecs else np.zeros((0, dim), np.float32)
+        self._index = VectorIndex.build(np.asarray(ids, dtype=np.int64), matrix, index_spec(config),
+                                        meta={"embedder": self.ref.key, "pairs": len(cache["qa_pairs"])})
+
+    def index(self) -> VectorIndex:
+        return self._index
+
+    def rebuild(self, revision: int | None = None) -> VectorIndex:
+        return self._index
+
+    def _pairs(self, pids: set[int]) -> dict[int, Match]:
+        qa = self.cache["qa_pairs"]
+        return {pid: Match(qa[pid]["hash"], qa[pid]["domain"], qa[pid]["question"], qa[pid]["answer"], 0.0,
+                           qa[pid].get("metadata") or {}, pid) for pid in pids if 0 <= pid < len(qa)}
+
+    def _domain_pair_ids(self, domain: str) -> np.ndarray:
+        pids = [i for i, qa in enumerate(self.cache["qa_pairs"]) if qa["domain"] == domain]
+        if not pids:
+            raise NotFoundError(f"the cache has no pairs in domain {domain!r}")
+        return np.asarray(pids, dtype=np.int64)
+
+
+class CacheKnowledge:
+    """What `kvdb query --generate --cache FILE` reads: retrieval and pair vectors from the cache file."""
+
+    def __init__(self, config: Config, home: Home, path: str | Path, lm):
+        self.path = str(path)
+        self.cache = load_cache(path)  # weights_only; format, version and per-pair lists checked
+        made_by = self.cache.get("model") or {}
+        if made_by.get("fingerprint") != lm.fingerprint:
+            raise ForeignFileError(f"{path} was exported for {made_by.get('name', 'another model')}, not "
+                                   f"{lm.ref.name}; set model.source to that model or export the cache again")
+        self.retriever = CacheRetriever(config, home, self.cache, self.path, lm=lm)
+        self._position = {qa["hash"]: i for i, qa in enumerate(self.cache["qa_pairs"])}
+
+    def recorded_answers(self, hashes: list[str]) -> list[list[int]]:
+        return []  # a cache carries no recorded answers
+
+    def pair_knowledge(self, draft, hashes: list[str]):
+        from kvdb.draft import Knowledge, PairKnowledge
+
+        pairs = []
+        for h in hashes:
+            i = self._position.get(h)
+            if i is None:
+                continue
+            tensors = {**self.cache["token_vectors"][i], "token_ids": self.cache["token_ids"][i]}
+            pairs.append(PairKnowledge.from_vectors(h, tensors, int(self.cache["answer_starts"][i]),
+                                                    draft.key_layer, draft.value_layer))
+        return Knowledge.from_pairs(pairs, draft.cfg.max_knowledge_tokens, draft.hidden_size)

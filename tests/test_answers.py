@@ -1,0 +1,111 @@
+"""Answers from a trained home: --draft-only, --cache (no store), and `kvdb bench`, on a tiny random Llama."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvdb.config import load_config
+from kvdb.lm import load_model
+from kvdb.config import Home
+from tests.conftest import Kvdb, write_jsonl
+from tests.test_build_query import built_home, tiny_config  # noqa: F401  (fixtures)
+
+
+@pytest.fixture(scope="module")
+def trained_home(tmp_path_factory, built_home, tiny_config) -> Path:  # noqa: F811
+    home = tmp_path_factory.mktemp("trained") / "home"
+    shutil.copytree(built_home, home)
+    kv = Kvdb(home, tiny_config)
+    kv("train", "--epochs", "1", "--json")
+    kv("export", "--json")
+    return home
+
+
+@pytest.fixture
+def kvt(trained_home, tiny_config, tmp_path) -> Kvdb:  # noqa: F811
+    home = tmp_path / "home"
+    shutil.copytree(trained_home, home)
+    return Kvdb(home, tiny_config)
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_config):  # noqa: F811
+    return load_model(load_config(tiny_config).model, Home.resolve(None))
+
+
+def _greedy(lm, prompt_ids: list[int], n: int) -> list[int]:
+    with torch.inference_mode():
+        out = lm.model.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=n)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def test_draft_only_is_marked_unverified(kvt: Kvdb):
+    out = kvt.json("query", "--generate", "--draft-only", "-n", "12", "What is entropy?")
+    assert out["verified"] is False and out["draft"].endswith(".pth")
+    assert 1 <= len(out["output_ids"]) <= 12 and out["stats"]["verify_steps"] == 0
+    verified = kvt.json("query", "--generate", "-n", "12", "What is entropy?")
+    assert verified["verified"] is True and verified["prompt_ids"] == out["prompt_ids"]
+    text = kvt("query", "--generate", "--draft-only", "-n", "6", "What is entropy?").stderr
+    assert "NOT verified" in text
+    assert "contradict" in kvt("query", "--generate", "--draft-only", "--no-draft", "x?", ok=False).stderr
+    bare = Kvdb(kvt.home, kvt.config)
+    shutil.rmtree(kvt.home / "checkpoints")
+    assert "needs a trained draft" in bare("query", "--generate", "--draft-only", "x?", ok=False).stderr
+
+
+def test_cache_alone_answers_like_the_store(kvt: Kvdb, tmp_path, lm):
+    cache = kvt.home / "knowledge_cache" / "knowledge_cache.pth"
+    draft = next((kvt.home / "checkpoints").glob("best_draft_model_epoch*.pth"))
+    deploy = tmp_path / "deploy"  # a fresh home holding nothing: no database, no index, no checkpoints
+    kd = Kvdb(deploy, kvt.config)
+    q = "How do plants make sugar?"
+    assert kd.json("query", "--cache", str(cache), q)["matches"][0]["question"] == \
+        kvt.json("query", q)["matches"][0]["question"]
+    out = kd.json("query", "--cache", str(cache), "--generate", "--draft", str(draft), "-n", "16", q)
+    from_store = kvt.json("query", "--generate", "-n", "16", q)
+    assert out["prompt_ids"] == from_store["prompt_ids"]
+    assert out["output_ids"] == from_store["output_ids"] == _greedy(lm, out["prompt_ids"], 16)
+    assert not (deploy / "kvdb.sqlite").exists()  # nothing written next to a deployment
+    assert "does not exist" in kd("query", "--cache", str(tmp_path / "nope.pth"), q, ok=False).stderr
+    bogus = tmp_path / "bogus.pth"
+    torch.save({"hello": torch.zeros(1)}, bogus)
+    assert "not a kvdb knowledge cache" in kd("query", "--cache", str(bogus), "--generate", q, ok=False).stderr
+
+
+def test_bench_runs_every_method_on_the_same_prompts(kvt: Kvdb, tmp_path):
+    questions = write_jsonl(tmp_path / "q.jsonl", [
+        {"query": "What is entropy?", "workload": "stored"},
+        {"query": "Why does the sky look blue?", "workload": "paraphrased"},
+        {"query": "How long should I boil an egg?", "workload": "unanswerable"},
+    ])
+    chart = tmp_path / "bench.png"
+    report = kvt.json("bench", "--questions", str(questions), "-n", "10", "--plot", str(chart))
+    assert report["methods"] == ["greedy", "hf_prompt_lookup", "hf_early_exit", "kvdb_copy", "kvdb_draft"]
+    assert {(s["workload"], s["method"]) for s in report["summary"]} == \
+        {(w, m) for w in ("stored", "paraphrased", "unanswerable") for m in report["methods"]}
+    for s in report["summary"]:
+        assert s["identical"] == s["questions"] == 1, s  # every method gives greedy's tokens
+        assert s["speedup_median"] > 0 and s["tokens_per_second"] > 0
+        assert (s["accepted_per_step"] is None) == (not s["method"].startswith("kvdb"))
+    greedy = [r for r in report["rows"] if r["method"] == "greedy"]
+    assert all(r["speedup"] == 1.0 for r in greedy)
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = kvt("bench", "--questions", str(questions), "-n", "4", "--methods", "greedy,kvdb_copy").stdout
+    assert "| stored | kvdb_copy |" in text
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"query": "x?", "workload": "other"}])
+    assert "'workload' must be one of" in kvt("bench", "--questions", str(bad), ok=False).stderr
+    assert "unknown method" in kvt("bench", "--questions", str(questions), "--methods", "magic", ok=False).stderr
+    json.dumps(report)  # the report is plain JSON
+
+
+def test_training_recorded_what_a_verbatim_question_is_answered_from(kvt: Kvdb, lm):
+    out = kvt.json("query", "--generate", "-n", "24", "What is entropy?")  # asked for the first time
+    exact = out["stats"]["sources"].get("exact")
+    assert exact and exact["accepted"] >= out["stats"]["new_tokens"] - 2, out["stats"]
+    assert out["stats"]["verify_steps"] <= 3
+    assert out["output_ids"] == _greedy(lm, out["prompt_ids"], 24)
