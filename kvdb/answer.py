@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvdb.decode import CopySource, DraftPolicy, ExactAnswerSource, draft_only_generate, speculative_generate
+from kvdb.decode import (CopySource, DraftPolicy, ExactAnswerSource, draft_only_generate, greedy_generate,
+                         speculative_generate)
 from kvdb.errors import ForeignFileError, KvdbError, NotBuiltError, ValidationError
 from kvdb.lm import LM, load_model
 from kvdb.prompt import Reference, prompt_ids
@@ -34,6 +35,18 @@ class Answer:
     draft: str | None = None
     notices: list[str] = field(default_factory=list)
     verified: bool = True  # False: the draft's own answer (--draft-only), not checked by the base model
+    baseline: dict[str, Any] | None = None  # --vs-greedy: plain greedy decoding of the same prompt
+    max_new_tokens: int = 0  # the limit it was decoded under
+
+    def compare_with_greedy(self, lm: LM) -> dict[str, Any]:
+        """Decode the same prompt with plain greedy ``generate``: its time, our speedup, and token identity."""
+        base = greedy_generate(lm.model, self.prompt_ids, self.max_new_tokens or len(self.output_ids) or 1,
+                               lm.eos_ids)
+        seconds = base.stats["seconds"]
+        self.baseline = {"seconds": seconds, "speedup": round(seconds / self.stats["seconds"], 3)
+                         if self.stats["seconds"] else 0.0, "identical": base.output_ids == self.output_ids,
+                         "time_to_first_token": base.stats["time_to_first_token"]}
+        return self.baseline
 
     def as_dict(self) -> dict[str, Any]:
         out = self.result.as_dict()
@@ -41,6 +54,8 @@ class Answer:
         stats.update({k: v for k, v in self.stats.items() if k not in stats})
         out.update({"answer": self.answer, "prompt_ids": self.prompt_ids, "output_ids": self.output_ids,
                     "stats": stats, "draft": self.draft, "verified": self.verified})
+        if self.baseline is not None:
+            out["greedy_baseline"] = self.baseline
         return out
 
 
@@ -187,7 +202,7 @@ class Answerer:
             except KvdbError as exc:
                 self.notices.append(f"answer not recorded: {exc}")
         return Answer(result, self.lm.decode(generated.output_ids), ids, generated.output_ids, generated.stats,
-                      self.draft_name if learned else None)
+                      self.draft_name if learned else None, max_new_tokens=max_new_tokens)
 
     def answer_draft_only(self, query: str, max_new_tokens: int | None = None, top_k: int | None = None,
                           domain: str | None = None,
@@ -199,9 +214,15 @@ class Answerer:
         generated = draft_only_generate(self.learned_source(result), ids, max_new_tokens, self.lm.eos_ids,
                                         on_tokens=on_tokens)
         answer = Answer(result, self.lm.decode(generated.output_ids), ids, generated.output_ids, generated.stats,
-                        self.draft_name)
+                        self.draft_name, max_new_tokens=max_new_tokens)
         answer.verified = False
         return answer
+
+    def warm_up(self) -> None:
+        """A few untimed passes of each decoding path (the first passes of a process allocate and pick kernels)."""
+        ids = self.lm.chat_ids([{"role": "user", "content": "Hello?"}], add_generation_prompt=True)
+        greedy_generate(self.lm.model, ids, 4, self.lm.eos_ids)
+        speculative_generate(self.lm.model, ids, 4, self.lm.eos_ids, [CopySource([ids], search_context=True)])
 
     def flush_notices(self) -> None:
         self.retriever.flush_notices()

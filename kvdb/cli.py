@@ -320,24 +320,27 @@ def _read_queries(path: str) -> list[str]:
 @click.option("--no-draft", is_flag=True, help="With --generate: do not use a learned draft (copying only).")
 @click.option("--draft-only", is_flag=True,
               help="With --generate: the learned draft answers alone, UNVERIFIED (fast, approximate).")
+@click.option("--vs-greedy", is_flag=True,
+              help="With --generate: also decode plainly (greedy generate) and report the speedup and identity.")
 @json_option
 @click.pass_context
 def query(ctx, question, path, top_k, domain, cache_path, generate, max_new_tokens, draft_path, no_draft, draft_only,
-          as_json) -> None:
+          vs_greedy, as_json) -> None:
     """Find the pairs that best answer QUESTION (or each query of --file); --generate answers it."""
     from kvdb.retrieve import Retriever
 
     if (question is None) == (path is None):
         raise click.UsageError("give a QUESTION or --file, not both")
-    if not generate and (max_new_tokens is not None or draft_path or no_draft or draft_only):
-        raise click.UsageError("--max-new-tokens, --draft, --no-draft and --draft-only go with --generate")
+    if not generate and (max_new_tokens is not None or draft_path or no_draft or draft_only or vs_greedy):
+        raise click.UsageError("--max-new-tokens, --draft, --no-draft, --draft-only and --vs-greedy go with "
+                               "--generate")
     if draft_only and no_draft:
         raise click.UsageError("--draft-only and --no-draft contradict each other")
     rt = _rt(ctx)
     queries = [question] if path is None else _read_queries(path)
     if generate:
         _generate(rt, queries, path is not None, top_k, _domain_arg(domain), max_new_tokens, draft_path, no_draft,
-                  draft_only, cache_path, as_json)
+                  draft_only, cache_path, vs_greedy, as_json)
         return
     if cache_path is not None:
         from kvdb.deployed import CacheRetriever
@@ -382,15 +385,19 @@ class _Streamer:
 
 
 def _generate(rt, queries, many, top_k, domain, max_new_tokens, draft_path, no_draft, draft_only, cache_path,
-              as_json) -> None:
+              vs_greedy, as_json) -> None:
     from kvdb.answer import Answerer
 
     answerer = Answerer(rt, draft_path=draft_path, use_draft=not no_draft, cache=cache_path)
     answerer.flush_notices()
     answer = answerer.answer_draft_only if draft_only else answerer.answer
+    if vs_greedy:
+        answerer.warm_up()  # the first passes of a process are slow for any method: keep them out of the ratio
     for q in queries:
         if as_json:
             result = answer(q, max_new_tokens, top_k, domain)
+            if vs_greedy:
+                result.compare_with_greedy(answerer.lm)
             answerer.flush_notices()
             emit_json(result.as_dict(), indent=None if many else 2)
             continue
@@ -406,6 +413,10 @@ def _generate(rt, queries, many, top_k, domain, max_new_tokens, draft_path, no_d
                f"{s['verify_steps']} verify steps, {s['accepted']}/{s['drafted']} drafted tokens accepted")
         click.echo(f"[{s['new_tokens']} tokens in {s['seconds']:.2f}s, {how}; reference: "
                    f"{result.result.matches[0].question if result.result.matches else 'none'}]", err=True)
+        if vs_greedy:
+            b = result.compare_with_greedy(answerer.lm)
+            click.echo(f"[plain greedy: {b['seconds']:.2f}s; speedup {b['speedup']:.2f}x; identical output: "
+                       f"{'yes' if b['identical'] else 'NO'}]", err=True)
         answerer.flush_notices()
 
 

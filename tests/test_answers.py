@@ -109,3 +109,13 @@ def test_training_recorded_what_a_verbatim_question_is_answered_from(kvt: Kvdb, 
     assert exact and exact["accepted"] >= out["stats"]["new_tokens"] - 2, out["stats"]
     assert out["stats"]["verify_steps"] <= 3
     assert out["output_ids"] == _greedy(lm, out["prompt_ids"], 24)
+
+
+def test_vs_greedy_reports_speedup_and_identity(kvt: Kvdb):
+    out = kvt.json("query", "--generate", "--vs-greedy", "-n", "12", "Why is the sky blue?")
+    base = out["greedy_baseline"]
+    assert base["identical"] is True and base["seconds"] > 0
+    assert base["speedup"] == pytest.approx(base["seconds"] / out["stats"]["seconds"], rel=0.01)
+    text = kvt("query", "--generate", "--vs-greedy", "-n", "6", "Why is the sky blue?").stderr
+    assert "speedup" in text and "identical output: yes" in text
+    assert "go with --generate" in kvt("query", "--vs-greedy", "x?", ok=False).stderr
