@@ -539,7 +539,29 @@ def train(ctx, epochs, batch_size, lr, resume, cache, out, eval_only, as_json) -
     if as_json:
         emit_json(result)
         return
-    click.echo(json.dumps(result, indent=2, ensure_ascii=False, default=str))
+    click.echo(_train_summary(result))
+
+
+def _train_summary(r: dict[str, Any]) -> str:
+    """A few lines for a person; --json has everything."""
+    m, base, data = r.get("metrics") or {}, r.get("untrained_early_exit") or {}, r.get("data") or {}
+    lines = [f"data: {data.get('pairs', '?')} pairs, {data.get('train_examples', '?')} training and "
+             f"{data.get('heldout_examples', '?')} held-out questions; base answers recorded {data.get('recorded', 0)}, "
+             f"reused {data.get('reused', 0)}"]
+    if "epochs_run" in r:
+        lines.append(f"trained {r['epochs_run']} epoch(s) to epoch {r['epoch']} in {r['seconds']:.0f}s "
+                     f"(data {r.get('seconds_data', 0):.0f}s); train loss {r.get('train_loss')}")
+    else:
+        lines.append(f"evaluated {r.get('checkpoint') or 'the untrained draft'} (epoch {r.get('epoch', 0)})")
+    lines.append(f"{r.get('eval_set', 'heldout')}: top-1 agreement with the base model {m.get('top1_agreement', 0):.3f} "
+                 f"(untrained early exit {base.get('top1_agreement', 0):.3f})")
+    best = (r.get("best") or {}).get("path")
+    if best:
+        lines.append(f"best checkpoint: {best}")
+    for key, label in (("log", "log"), ("plot", "plot")):
+        if r.get(key):
+            lines.append(f"{label}: {r[key]}")
+    return "\n".join(lines)
 
 
 # -- doctor ---------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # The main job end to end on the embedded default (run by `make demo`). Uses ./var unless KVDB_HOME is set.
+# Set DEMO_EPOCHS (default 1) for a longer training run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KVDB=.venv/bin/kvdb
@@ -19,6 +20,12 @@ step "kvdb query \"How long should I boil an egg?\"   (nothing in the store answ
 $KVDB query "How long should I boil an egg?"
 step "kvdb export   (knowledge_cache.pth and one per domain)"
 $KVDB export
+step "kvdb train --epochs ${DEMO_EPOCHS:-1}   (the draft model; records the base model's answers to every stored question)"
+$KVDB train --epochs "${DEMO_EPOCHS:-1}"
+step "kvdb query --generate --vs-greedy   (stored questions verbatim, a paraphrase, an unanswerable question)"
+$KVDB query --file scripts/demo_questions.jsonl --generate --vs-greedy
+step "kvdb query --generate --draft-only   (the draft alone, unverified: fast, approximate)"
+$KVDB query --generate --draft-only -n 40 "How do green plants turn sunlight into food?"
 step "kvdb compare"
 $KVDB compare "Plants turn light, water and carbon dioxide into sugar." "Photosynthesis makes glucose from sunlight."
 step "kvdb stats"

@@ -119,3 +119,9 @@ def test_vs_greedy_reports_speedup_and_identity(kvt: Kvdb):
     text = kvt("query", "--generate", "--vs-greedy", "-n", "6", "Why is the sky blue?").stderr
     assert "speedup" in text and "identical output: yes" in text
     assert "go with --generate" in kvt("query", "--vs-greedy", "x?", ok=False).stderr
+
+
+def test_train_text_summary(kvt: Kvdb):
+    out = kvt("train", "--epochs", "1", "--resume").stdout
+    assert "trained 1 epoch(s) to epoch 2" in out and "top-1 agreement with the base model" in out
+    assert "evaluated" in kvt("train", "--eval-only").stdout
