@@ -311,28 +311,44 @@ def _read_queries(path: str) -> list[str]:
 @click.option("--file", "-f", "path", metavar="FILE", help="JSONL of {\"query\": ...} objects (or -); one result a line.")
 @click.option("--top-k", "-k", type=click.IntRange(1, 1000), default=None, help="Pairs to return [config index.top_k].")
 @click.option("--domain", "-d", default=None, help="Search only this domain.")
+@click.option("--cache", "cache_path", type=click.Path(dir_okay=False), default=None,
+              help="Retrieve from an exported knowledge_cache.pth instead of the store (nothing is written).")
 @click.option("--generate", "-g", is_flag=True, help="Answer with the base model (speculative, lossless).")
 @click.option("--max-new-tokens", "-n", type=int, default=None, help="With --generate: answer length cap [config].")
 @click.option("--draft", "draft_path", type=click.Path(dir_okay=False), default=None,
               help="With --generate: draft checkpoint [best one in KVDB_HOME/checkpoints].")
 @click.option("--no-draft", is_flag=True, help="With --generate: do not use a learned draft (copying only).")
+@click.option("--draft-only", is_flag=True,
+              help="With --generate: the learned draft answers alone, UNVERIFIED (fast, approximate).")
+@click.option("--vs-greedy", is_flag=True,
+              help="With --generate: also decode plainly (greedy generate) and report the speedup and identity.")
 @json_option
 @click.pass_context
-def query(ctx, question, path, top_k, domain, generate, max_new_tokens, draft_path, no_draft, as_json) -> None:
+def query(ctx, question, path, top_k, domain, cache_path, generate, max_new_tokens, draft_path, no_draft, draft_only,
+          vs_greedy, as_json) -> None:
     """Find the pairs that best answer QUESTION (or each query of --file); --generate answers it."""
     from kvdb.retrieve import Retriever
 
     if (question is None) == (path is None):
         raise click.UsageError("give a QUESTION or --file, not both")
-    if not generate and (max_new_tokens is not None or draft_path or no_draft):
-        raise click.UsageError("--max-new-tokens, --draft and --no-draft go with --generate")
+    if not generate and (max_new_tokens is not None or draft_path or no_draft or draft_only or vs_greedy):
+        raise click.UsageError("--max-new-tokens, --draft, --no-draft, --draft-only and --vs-greedy go with "
+                               "--generate")
+    if draft_only and no_draft:
+        raise click.UsageError("--draft-only and --no-draft contradict each other")
     rt = _rt(ctx)
     queries = [question] if path is None else _read_queries(path)
     if generate:
         _generate(rt, queries, path is not None, top_k, _domain_arg(domain), max_new_tokens, draft_path, no_draft,
-                  as_json)
+                  draft_only, cache_path, vs_greedy, as_json)
         return
-    retriever = Retriever(rt.config, rt.home, rt.store)
+    if cache_path is not None:
+        from kvdb.deployed import CacheRetriever
+        from kvdb.export import load_cache
+
+        retriever = CacheRetriever(rt.config, rt.home, load_cache(cache_path), cache_path)
+    else:
+        retriever = Retriever(rt.config, rt.home, rt.store)
     results = retriever.search(queries, top_k, _domain_arg(domain))
     retriever.flush_notices()
     for result in results:
@@ -368,26 +384,39 @@ class _Streamer:
             self.shown = text
 
 
-def _generate(rt, queries, many, top_k, domain, max_new_tokens, draft_path, no_draft, as_json) -> None:
+def _generate(rt, queries, many, top_k, domain, max_new_tokens, draft_path, no_draft, draft_only, cache_path,
+              vs_greedy, as_json) -> None:
     from kvdb.answer import Answerer
 
-    answerer = Answerer(rt, draft_path=draft_path, use_draft=not no_draft)
+    answerer = Answerer(rt, draft_path=draft_path, use_draft=not no_draft, cache=cache_path)
     answerer.flush_notices()
+    answer = answerer.answer_draft_only if draft_only else answerer.answer
+    if vs_greedy:
+        answerer.warm_up()  # the first passes of a process are slow for any method: keep them out of the ratio
     for q in queries:
         if as_json:
-            result = answerer.answer(q, max_new_tokens, top_k, domain)
+            result = answer(q, max_new_tokens, top_k, domain)
+            if vs_greedy:
+                result.compare_with_greedy(answerer.lm)
             answerer.flush_notices()
             emit_json(result.as_dict(), indent=None if many else 2)
             continue
         if many:
             click.echo(f"? {q}")
+        if draft_only:
+            click.echo("[draft only, NOT verified by the base model]", err=True)
         streamer = _Streamer(answerer.lm)
-        result = answerer.answer(q, max_new_tokens, top_k, domain, on_tokens=streamer)
+        result = answer(q, max_new_tokens, top_k, domain, on_tokens=streamer)
         click.echo()
         s = result.stats
-        click.echo(f"[{s['new_tokens']} tokens in {s['seconds']:.2f}s, {s['verify_steps']} verify steps, "
-                   f"{s['accepted']}/{s['drafted']} drafted tokens accepted; reference: "
+        how = ("drafted alone, unverified" if draft_only else
+               f"{s['verify_steps']} verify steps, {s['accepted']}/{s['drafted']} drafted tokens accepted")
+        click.echo(f"[{s['new_tokens']} tokens in {s['seconds']:.2f}s, {how}; reference: "
                    f"{result.result.matches[0].question if result.result.matches else 'none'}]", err=True)
+        if vs_greedy:
+            b = result.compare_with_greedy(answerer.lm)
+            click.echo(f"[plain greedy: {b['seconds']:.2f}s; speedup {b['speedup']:.2f}x; identical output: "
+                       f"{'yes' if b['identical'] else 'NO'}]", err=True)
         answerer.flush_notices()
 
 
@@ -448,6 +477,45 @@ def compare(ctx, text_a, text_b, as_json) -> None:
                f"exact {'yes' if result['exact'] else 'no'}  ({result['embedder']})")
 
 
+@cli.command()
+@click.option("--questions", "questions_path", metavar="FILE", default=None,
+              help="JSONL of {\"query\", \"workload\": stored|paraphrased|unanswerable} [the store's questions, "
+                   "bundled paraphrases and off-topic questions].")
+@click.option("--per-workload", type=click.IntRange(1, 10_000), default=6, show_default=True,
+              help="Questions per workload when --questions is not given.")
+@click.option("--max-new-tokens", "-n", type=click.IntRange(1, 4096), default=None, help="Answer length cap [config].")
+@click.option("--methods", default=",".join(("greedy", "hf_prompt_lookup", "hf_early_exit", "kvdb_copy", "kvdb_draft")),
+              show_default=True, help="Comma-separated methods to run (greedy always runs).")
+@click.option("--repeat", type=click.IntRange(1, 100), default=1, show_default=True,
+              help="Runs per method and question, round-robin; the fastest counts.")
+@click.option("--draft", "draft_path", type=click.Path(dir_okay=False), default=None,
+              help="Draft checkpoint for kvdb_draft [best one in KVDB_HOME/checkpoints].")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="Write a bar chart PNG here.")
+@json_option
+@click.pass_context
+def bench(ctx, questions_path, per_workload, max_new_tokens, methods, repeat, draft_path, plot_path, as_json) -> None:
+    """Speed of greedy, Hugging Face and kvdb decoding on the same prompts, for stored, paraphrased and
+    unanswerable questions (ratios against greedy in the same run)."""
+    from kvdb.bench import default_questions, markdown_table, plot, read_questions, run_bench
+
+    rt = _rt(ctx)
+    questions = read_questions(questions_path) if questions_path else default_questions(rt, per_workload)
+    report = run_bench(rt, questions, max_new_tokens, [m.strip() for m in methods.split(",") if m.strip()],
+                       repeat=repeat, draft_path=draft_path, progress=_show_progress(as_json))
+    if plot_path:
+        report["plot"] = str(plot(report, plot_path))
+    for notice in report["notices"]:
+        click.echo(f"notice: {notice}", err=True)
+    if as_json:
+        emit_json(report)
+        return
+    click.echo(f"{report['model']} on {report['device']} {report['dtype']}, max_new_tokens={report['max_new_tokens']}, "
+               f"{len(questions)} questions, draft: {report['draft'] or 'none'}\n")
+    click.echo(markdown_table(report))
+    if plot_path:
+        click.echo(f"\nchart: {report['plot']}")
+
+
 # -- training ---------------------------------------------------------------------------------------------------
 @cli.command()
 @click.option("--epochs", type=click.IntRange(1, 10_000), default=None, help="Epochs [config training.num_epochs].")
@@ -471,7 +539,29 @@ def train(ctx, epochs, batch_size, lr, resume, cache, out, eval_only, as_json) -
     if as_json:
         emit_json(result)
         return
-    click.echo(json.dumps(result, indent=2, ensure_ascii=False, default=str))
+    click.echo(_train_summary(result))
+
+
+def _train_summary(r: dict[str, Any]) -> str:
+    """A few lines for a person; --json has everything."""
+    m, base, data = r.get("metrics") or {}, r.get("untrained_early_exit") or {}, r.get("data") or {}
+    lines = [f"data: {data.get('pairs', '?')} pairs, {data.get('train_examples', '?')} training and "
+             f"{data.get('heldout_examples', '?')} held-out questions; base answers recorded {data.get('recorded', 0)}, "
+             f"reused {data.get('reused', 0)}"]
+    if "epochs_run" in r:
+        lines.append(f"trained {r['epochs_run']} epoch(s) to epoch {r['epoch']} in {r['seconds']:.0f}s "
+                     f"(data {r.get('seconds_data', 0):.0f}s); train loss {r.get('train_loss')}")
+    else:
+        lines.append(f"evaluated {r.get('checkpoint') or 'the untrained draft'} (epoch {r.get('epoch', 0)})")
+    lines.append(f"{r.get('eval_set', 'heldout')}: top-1 agreement with the base model {m.get('top1_agreement', 0):.3f} "
+                 f"(untrained early exit {base.get('top1_agreement', 0):.3f})")
+    best = (r.get("best") or {}).get("path")
+    if best:
+        lines.append(f"best checkpoint: {best}")
+    for key, label in (("log", "log"), ("plot", "plot")):
+        if r.get(key):
+            lines.append(f"{label}: {r[key]}")
+    return "\n".join(lines)
 
 
 # -- doctor ---------------------------------------------------------------------------------------------------
