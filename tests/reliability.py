@@ -56,11 +56,11 @@ def pair_rows(tag: str, n: int, domain: str | None = None) -> list[dict]:
             for i in range(n)]
 
 
-def pair_file(folder: Path, tag: str, n: int) -> tuple[Path, list[str]]:
+def pair_file(folder: Path, tag: str, n: int, domain: str | None = None) -> tuple[Path, list[str]]:
     """A JSONL file of ``n`` pairs and their hashes."""
     from kvdb.store.pairs import pair_hash
 
-    rows = pair_rows(tag, n)
+    rows = pair_rows(tag, n, domain)
     path = write_jsonl(folder / f"{tag}.jsonl", rows)
     return path, [pair_hash(r["question"], r["answer"]) for r in rows]
 
