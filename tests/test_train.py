@@ -248,3 +248,13 @@ def test_grouped_greedy_equals_generate(model_dir, tmp_path):
                 cut = next((i + 1 for i, t in enumerate(ref) if t in lm.eos_ids), len(ref))
                 assert answer == ref[:cut]
     assert any(len(a) < 16 for g in got for a in g)
+
+
+def test_cli_no_variants_trains_on_own_questions_only(built, tmp_path):
+    from tests.conftest import Kvdb
+
+    src, cfg = built
+    home = tmp_path / "home"
+    shutil.copytree(src, home)
+    result = Kvdb(home, cfg).json("train", "--epochs", "1", "--no-variants")
+    assert result["data"]["train_examples"] == 6 and result["epochs_run"] == 1
