@@ -558,6 +558,7 @@ def save_checkpoint(path: Path, draft: DraftModel, *, epoch: int, metrics: dict[
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load and check the envelope of a checkpoint (never unpickles objects: ``weights_only=True``)."""
+    import warnings
     import zipfile
     from pickle import UnpicklingError
 
@@ -565,7 +566,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise NotFoundError(f"checkpoint {path} does not exist")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about a raw pickle's protocol before refusing it: one line only
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except UnpicklingError:
         raise ForeignFileError(f"{path} is not a kvdb draft checkpoint (it holds objects that only a pickle of code "
                                "could rebuild, which kvdb never loads)") from None
