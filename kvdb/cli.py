@@ -288,11 +288,11 @@ def _shard() -> tuple[int, int]:
 
 
 def _read_queries(path: str) -> list[str]:
-    from kvdb.store.ingest import read_source
+    from kvdb.store.ingest import jsonl_lines, read_source
 
     name, text = read_source(path)
     queries = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(jsonl_lines(text), 1):
         if not line.strip():
             continue
         try:

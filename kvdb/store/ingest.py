@@ -74,9 +74,15 @@ def _from_record(record: dict[str, Any], default_domain: str | None, where: str)
                      where=where)
 
 
+def jsonl_lines(text: str) -> list[str]:
+    """The lines of a JSONL text: split at \\n only (and a \\r before it). ``str.splitlines`` would also split at
+    U+2028, U+2029, U+0085 and other separators that JSON writers leave unescaped inside strings."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
 def parse_jsonl(name: str, text: str, default_domain: str | None) -> list[PairInput]:
     items = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(jsonl_lines(text), 1):
         if not line.strip():
             continue
         where = f"{name}:{lineno}"
