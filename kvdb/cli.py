@@ -107,6 +107,8 @@ def _parse_meta(values: tuple[str, ...]) -> dict[str, Any]:
             meta[key.strip()] = json.loads(raw)  # numbers, booleans, lists and objects keep their type
         except json.JSONDecodeError:
             meta[key.strip()] = raw
+        except RecursionError:
+            raise ValidationError(f"--meta {key.strip()!r}: the JSON value is nested too deeply") from None
     return meta
 
 
