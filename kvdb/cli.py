@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from typing import Any
 
@@ -145,8 +146,17 @@ def add(ctx, domain, question, answer, meta, path, replace, as_json) -> None:
     click.echo(f"added {report.added}, skipped {report.skipped} already stored, replaced {report.replaced}")
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _printable(text: str) -> str:
+    """Text for a terminal: control characters (ESC sequences could rewrite the screen) shown escaped, e.g. \\x1b.
+    --json prints the exact text."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def _one_line(text: str, width: int) -> str:
-    text = " ".join(text.split())
+    text = _printable(" ".join(text.split()))
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
@@ -182,8 +192,8 @@ def show(ctx, hash_prefix, as_json) -> None:
     if as_json:
         emit_json(row)
         return
-    click.echo(f"hash:     {row['hash']}\ndomain:   {row['domain']}\nquestion: {row['question']}\n"
-               f"answer:   {row['answer']}")
+    click.echo(f"hash:     {row['hash']}\ndomain:   {row['domain']}\nquestion: {_printable(row['question'])}\n"
+               f"answer:   {_printable(row['answer'])}")
     if row["metadata"]:
         click.echo(f"metadata: {json.dumps(row['metadata'], ensure_ascii=False)}")
     click.echo(f"added:    {row['created_at']}")
