@@ -29,7 +29,7 @@ from sqlalchemy import select
 
 from kvdb.config import Config, Home
 from kvdb.errors import ForeignFileError, NotBuiltError, NotFoundError, StoreError, ValidationError
-from kvdb.fileio import atomic_path
+from kvdb.fileio import atomic_path, write_error
 from kvdb.store.blobs import unpack
 from kvdb.store.db import Store
 from kvdb.store.models import Domain, Embedding, ModelInfo, Pair, PairVectors
@@ -100,18 +100,28 @@ def write_pth_streaming(path: Path, obj: dict[str, Any]) -> None:
     """Write ``obj`` (which may hold ``_Stream`` lists) as a torch zip archive, atomically."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         archive = torch._C.PyTorchFileWriter(f, True, 64)
-        data = io.BytesIO()
-        _StreamingPickler(data, archive).dump(obj)
-        payload = data.getvalue()
-        archive.write_record("data.pkl", payload, len(payload))
-        archive.write_record(".format_version", "1", 1)
-        archive.write_record(".storage_alignment", "64", 2)
-        archive.write_record("byteorder", sys.byteorder, len(sys.byteorder))
-        # torch stamps archives with a random id unless one is written: derive it from the content instead.
-        stamp = hashlib.sha256(payload).hexdigest()[:20]
-        archive.write_record(".data/serialization_id", stamp, len(stamp))
-        archive.write_end_of_file()
-        del archive
+        try:
+            data = io.BytesIO()
+            _StreamingPickler(data, archive).dump(obj)
+            payload = data.getvalue()
+            archive.write_record("data.pkl", payload, len(payload))
+            archive.write_record(".format_version", "1", 1)
+            archive.write_record(".storage_alignment", "64", 2)
+            archive.write_record("byteorder", sys.byteorder, len(sys.byteorder))
+            # torch stamps archives with a random id unless one is written: derive it from the content instead.
+            stamp = hashlib.sha256(payload).hexdigest()[:20]
+            archive.write_record(".data/serialization_id", stamp, len(stamp))
+            archive.write_end_of_file()
+        except BaseException:
+            # An unfinished writer finishes the archive in its C++ destructor; if that write fails too (disk full),
+            # the destructor throws and the process aborts. Finishing here marks it finished even when it fails.
+            try:
+                archive.write_end_of_file()
+            except Exception:  # noqa: BLE001 - the first error is the one to report
+                pass
+            raise
+        finally:
+            del archive
 
 
 # -- export -------------------------------------------------------------------------------------------------------
@@ -224,8 +234,7 @@ def export_caches(config: Config, home: Home, store: Store, domain: str = "all",
             try:
                 write_pth_streaming(out / filename, obj)
             except OSError as exc:
-                raise StoreError(f"cannot write {out / filename}: {exc.strerror or exc}; the old file, if any, "
-                                 "is unchanged") from None
+                raise write_error(out / filename, exc, "the old file, if any, is unchanged") from None
             written.append(ExportedFile(str(out / filename), name, count))
     return written
 

@@ -4,9 +4,12 @@ half of one."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
+
+from kvdb.errors import StoreError
 
 
 def fsync_dir(path: Path) -> None:
@@ -41,3 +44,15 @@ def atomic_path(path: Path):
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+def write_error(path: Path, exc: OSError, after: str = "") -> StoreError:
+    """One sentence for a failed file write, by cause; ``after`` says what is left (e.g. "the old file is
+    unchanged")."""
+    tail = f"; {after}" if after else ""
+    if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return StoreError(f"disk full or file too large while writing {path}{tail}; free some space and run the "
+                          "command again")
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return StoreError(f"cannot write {path}: its folder is read-only or not writable by you{tail}")
+    return StoreError(f"cannot write {path}: {exc.strerror or exc}{tail}")
