@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import zipfile
 from pickle import APPEND, EMPTY_LIST, UnpicklingError, _Pickler  # writing only; reads use weights_only
 import sys
 from collections.abc import Callable, Iterator
@@ -261,11 +262,13 @@ def load_cache(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise NotFoundError(f"cache file {path} does not exist; run `kvdb export` to write one")
+    if not zipfile.is_zipfile(path):  # kvdb writes torch zip archives; an older or raw pickle is never read
+        raise ForeignFileError(f"{path} is not a readable kvdb cache (not a complete torch zip archive)")
     try:
         obj = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
-    except UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
-        raise ForeignFileError(f"{path} is not a safe kvdb cache (refused to unpickle: {first[:160]})") from None
+    except UnpicklingError:
+        raise ForeignFileError(f"{path} is not a safe kvdb cache (it holds objects that only running code could "
+                               "rebuild, which kvdb never loads)") from None
     except Exception as exc:  # zip errors, truncation, anything torch.load raises on a bad file
         raise ForeignFileError(f"{path} is not a readable kvdb cache ({type(exc).__name__})") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
