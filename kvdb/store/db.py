@@ -14,6 +14,7 @@ import os
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 from sqlalchemy import create_engine, event, exc, select, update
 from sqlalchemy.engine import Engine, make_url
@@ -64,6 +65,14 @@ def _translate(err: exc.DBAPIError, where: str) -> StoreError:
     return StoreError(f"the store at {where} failed: {text}")
 
 
+def sqlite_path(database: str | None, query: dict) -> str | None:
+    """The file path of a SQLite URL's database: ``file:`` URIs (``?uri=true``, e.g. ``mode=ro``) name it after
+    the scheme and before their own parameters."""
+    if database and database.startswith("file:") and str(query.get("uri", "")).lower() in ("true", "1"):
+        return unquote(urlsplit(database).path)
+    return database
+
+
 class Store:
     """A handle on one database. ``read()`` and ``write()`` give sessions; ``write()`` commits or rolls back whole."""
 
@@ -71,10 +80,11 @@ class Store:
         self.url = url
         parsed = make_url(url)
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
-        self.where = parsed.database if self.is_sqlite else parsed.render_as_string(hide_password=True)
+        self.where = sqlite_path(parsed.database, parsed.query) if self.is_sqlite else \
+            parsed.render_as_string(hide_password=True)
         if self.is_sqlite:
-            if parsed.database and parsed.database != ":memory:":
-                path = Path(parsed.database)
+            if self.where and self.where != ":memory:" and parsed.query.get("mode") != "ro":
+                path = Path(self.where)
                 try:
                     path.parent.mkdir(parents=True, exist_ok=True)
                 except OSError as e:
