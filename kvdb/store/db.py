@@ -52,15 +52,27 @@ def _sqlite_engine(url: str, busy_timeout_ms: int) -> Engine:
 
 
 def _translate(err: exc.DBAPIError, where: str) -> StoreError:
+    if isinstance(err, (exc.IntegrityError, exc.ProgrammingError)):
+        raise err  # a constraint or a bug in the calling code: not the store's condition, keep it as it is
     text = str(err.orig) if getattr(err, "orig", None) is not None else str(err)
     low = text.lower()
+    if "not a database" in low or "malformed" in low:
+        return StoreError(f"the store at {where} is damaged ({text.strip().splitlines()[0]}); run `kvdb doctor`, "
+                          "then restore a backup or recover it with `sqlite3 kvdb.sqlite .recover`")
     if "readonly" in low or "read-only" in low:
         return StoreError(f"the store at {where} is read-only; nothing was changed")
-    if "disk is full" in low or "disk i/o error" in low or "file too large" in low:
-        return StoreError(f"the disk holding {where} is full or failing; nothing was changed")
+    if "disk is full" in low or "file too large" in low or "disk i/o error" in low:
+        # SQLite reports ENOSPC as "database or disk is full", a file-size limit (EFBIG) as "disk I/O error".
+        return StoreError(f"disk full or file too large while writing the store at {where} (SQLite: {text}); the "
+                          "write was rolled back and nothing stored before it is lost; free some space (or check the "
+                          "disk) and run the command again")
     if "locked" in low or "busy" in low:
         return StoreError(f"the store at {where} stayed locked by another process; try again")
     if "unable to open" in low:
+        folder = Path(where).parent if where else None
+        if folder is not None and folder.is_dir() and not os.access(folder, os.W_OK):
+            return StoreError(f"cannot open the store at {where}: its folder {folder} is read-only, and SQLite "
+                              "writes a lock file (-shm) beside the store even to read it; make the folder writable")
         return StoreError(f"cannot open the store at {where}; check the path and its permissions")
     return StoreError(f"the store at {where} failed: {text}")
 
@@ -103,7 +115,7 @@ class Store:
         try:
             with self._read_sessions() as session:
                 yield session
-        except exc.OperationalError as e:
+        except exc.DatabaseError as e:  # OperationalError and a damaged file
             raise _translate(e, self.where) from None
 
     @contextlib.contextmanager
@@ -112,7 +124,7 @@ class Store:
         try:
             with self._write_sessions() as session, session.begin():
                 yield session
-        except exc.OperationalError as e:
+        except exc.DatabaseError as e:  # OperationalError and a damaged file
             raise _translate(e, self.where) from None
 
     def bump_revision(self, session: Session) -> None:
@@ -152,7 +164,7 @@ class Store:
         try:
             with self.engine.connect() as conn:
                 return MigrationContext.configure(conn).get_current_revision()
-        except exc.OperationalError as e:
+        except exc.DatabaseError as e:  # OperationalError and a damaged file
             raise _translate(e, self.where) from None
 
     @contextlib.contextmanager
@@ -180,7 +192,7 @@ class Store:
         try:
             with self.engine.begin() as conn:
                 getattr(command, action)(self.alembic_config(conn), revision)
-        except exc.OperationalError as e:
+        except exc.DatabaseError as e:  # OperationalError and a damaged file
             raise _translate(e, self.where) from None
 
     def upgrade(self, revision: str = "head") -> None:
