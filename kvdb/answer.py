@@ -110,6 +110,7 @@ class Answerer:
         self.from_cache = cache is not None
         self.retriever = self.knowledge.retriever
         self.notices: list[str] = []
+        self._pass_costs: list[float] | None = None
         self.draft = None
         self.draft_name: str | None = None
         if use_draft:
@@ -192,8 +193,7 @@ class Answerer:
         result, ids, max_new_tokens = self.prepare(query, max_new_tokens, top_k, domain)
         book = None if self.from_cache else AnswerBook(self.rt, self.lm, max_new_tokens, replace_stored=False)
         sources = self.sources(ids, result, query, book, learned)
-        policy = DraftPolicy(max_draft=self.rt.config.generation.max_draft_tokens)
-        generated = speculative_generate(self.lm.model, ids, max_new_tokens, self.lm.eos_ids, sources, policy,
+        generated = speculative_generate(self.lm.model, ids, max_new_tokens, self.lm.eos_ids, sources, self.policy(),
                                          on_tokens=on_tokens)
         if book is not None and record and not any(isinstance(s, ExactAnswerSource) for s in sources):
             try:
@@ -217,6 +217,40 @@ class Answerer:
                         self.draft_name, max_new_tokens=max_new_tokens)
         answer.verified = False
         return answer
+
+    def policy(self) -> DraftPolicy:
+        """A fresh draft policy for one answer, with this machine's measured pass costs."""
+        return DraftPolicy(max_draft=self.rt.config.generation.max_draft_tokens, pass_costs=self.pass_costs())
+
+    def pass_costs(self) -> list[float] | None:
+        """Cost of a verify pass by length, measured once per model, device, dtype and thread count and kept under
+        KVDB_HOME/models (a few seconds on a CPU); None where it cannot be measured or kept."""
+        if self._pass_costs is None:
+            import json
+
+            import torch
+
+            from kvdb.decode import measure_pass_costs
+            from kvdb.fileio import atomic_write_bytes
+
+            lm = self.lm
+            key = (f"{lm.fingerprint[:16]}-{lm.device.type}-{str(lm.dtype).replace('torch.', '')}"
+                   f"-t{torch.get_num_threads()}")
+            path = self.rt.home.models_dir / "pass_costs" / f"{key}.json"
+            try:
+                costs = json.loads(path.read_text())["pass_costs"]
+                if not (isinstance(costs, list) and costs and all(isinstance(c, (int, float)) for c in costs)):
+                    raise ValueError("malformed")
+            except (OSError, ValueError, KeyError, TypeError):
+                self.notices.append("measuring this machine's verify-pass costs (once; kept under "
+                                    f"{path.parent})")
+                costs = measure_pass_costs(lm.model, max_q=self.rt.config.generation.max_draft_tokens + 9)
+                try:
+                    atomic_write_bytes(path, json.dumps({"key": key, "pass_costs": costs}).encode())
+                except OSError:
+                    pass  # a read-only home: measured again next time
+            self._pass_costs = [float(c) for c in costs]
+        return self._pass_costs
 
     def warm_up(self) -> None:
         """A few untimed passes of each decoding path (the first passes of a process allocate and pick kernels)."""

@@ -121,7 +121,7 @@ def run_bench(runtime, questions: Sequence[BenchQuestion], max_new_tokens: int |
               on_row: Callable[[dict[str, Any]], None] | None = None, progress: bool = False) -> dict[str, Any]:
     """Run every method on every question's prompt; rows per (question, method) and the summary."""
     from kvdb.answer import Answerer
-    from kvdb.decode import DraftPolicy, greedy_generate, speculative_generate
+    from kvdb.decode import greedy_generate, speculative_generate
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -131,6 +131,7 @@ def run_bench(runtime, questions: Sequence[BenchQuestion], max_new_tokens: int |
     methods = ["greedy", *(m for m in methods if m != "greedy")]
     answerer = Answerer(runtime, draft_path=draft_path, use_draft="kvdb_draft" in methods)
     notices = list(answerer.notices)
+    answerer.notices.clear()
     if "kvdb_draft" in methods and answerer.draft is None:
         methods.remove("kvdb_draft")
         notices.append("kvdb_draft skipped: no trained draft (run `kvdb train`)")
@@ -146,8 +147,7 @@ def run_bench(runtime, questions: Sequence[BenchQuestion], max_new_tokens: int |
 
     def kvdb(ids, result, query, learned):
         sources = answerer.sources(ids, result, query, book, learned=learned)
-        return speculative_generate(model, ids, max_new_tokens, lm.eos_ids, sources,
-                                    DraftPolicy(max_draft=gen_cfg.max_draft_tokens))
+        return speculative_generate(model, ids, max_new_tokens, lm.eos_ids, sources, answerer.policy())
 
     plans: dict[str, Callable] = {
         "greedy": lambda ids, result, query: greedy_generate(model, ids, max_new_tokens, lm.eos_ids),
@@ -158,6 +158,8 @@ def run_bench(runtime, questions: Sequence[BenchQuestion], max_new_tokens: int |
         "kvdb_copy": lambda ids, result, query: kvdb(ids, result, query, False),
         "kvdb_draft": lambda ids, result, query: kvdb(ids, result, query, True),
     }
+    answerer.pass_costs()  # measured (or read) before anything is timed
+    notices += answerer.notices
     # The first passes of a process are slow (allocation, kernel choice): warm every method once, untimed.
     result, ids, _ = answerer.prepare(questions[0].query, 4)
     for name in methods:

@@ -264,10 +264,13 @@ class _Track:
 class DraftPolicy:
     """Chooses per step the draft to verify and its length, from the acceptance seen so far.
 
-    Cost model, in plain single-token steps: a verify pass over 1 + k tokens costs
-    ``1 + draft_overhead + token_cost * k`` (k >= 1). Measured for SmolLM2-135M fp32 on CPU: a second token costs
-    ~0.5 of a step (matrix-matrix instead of matrix-vector kernels), each further one ~1/24, so 16 new tokens cost
-    about twice one; on a GPU a pass is nearly flat in k. A draft whose tokens are each accepted with
+    Cost model, in plain single-token steps. With ``pass_costs`` (measured on this machine by
+    ``measure_pass_costs``: the time of a pass over q tokens relative to one token, for q = 1, 2, ..), a verify
+    pass over 1 + k tokens costs the cheapest measured pass over at least 1 + k tokens, and ``pass_length`` says how
+    long that pass is: kernels are not monotone in q (SmolLM2 fp32 on CPU: q=2 costs 1.66 steps, q=3 2.1, but q=4
+    only 1.45), so a short draft is padded to the cheap length, which cannot change the outputs of the positions
+    before the padding. Without a table: ``1 + draft_overhead + token_cost * k`` (k >= 1). Making a draft adds its
+    source's ``token_cost`` per token. A draft whose tokens are each accepted with
     probability p then yields ``gain = expected_tokens(p, k) / cost(k)`` tokens per unit of time against 1 for a
     plain step, and we verify the k that maximises it, or nothing when no gain exceeds 1 (a plain step costs
     exactly what greedy decoding costs).
@@ -296,6 +299,7 @@ class DraftPolicy:
     retry_after: int = 8
     max_sleep: int = 64
     probe_k: int = 2  # length cap when retrying after a back-off
+    pass_costs: Sequence[float] | None = None  # measured: cost of a pass over q tokens / 1 token, q = 1, 2, ..
     step: int = field(default=0, init=False, repr=False)
     _tracks: dict[tuple[int, Any], _Track] = field(default_factory=dict, init=False, repr=False)
     _per_token: float = field(default=1 / 24, init=False, repr=False)
@@ -313,9 +317,27 @@ class DraftPolicy:
         self._tracks = {}
         self._sources = list(sources)
 
+    def _pass(self, q: int) -> tuple[float, int]:
+        """(cost, length) of the cheapest pass that verifies q tokens (padding allowed), in plain steps."""
+        costs = self.pass_costs
+        if not costs or q > len(costs):
+            linear = 1.0 + ((self._overhead + self._per_token * (q - 1)) if q > 1 else 0.0)
+            if costs and len(costs) >= 2:  # beyond the table: extend its last slope
+                last, slope = costs[-1], max(0.0, costs[-1] - costs[-2])
+                linear = max(last, last + slope * (q - len(costs)))
+            return linear, q
+        best = min(range(q - 1, len(costs)), key=lambda i: (costs[i], i))
+        return float(costs[best]), best + 1
+
+    def pass_length(self, k: int) -> int:
+        """How many inputs the verify pass of a k-token draft should have (1 + k, or more where that is cheaper)."""
+        return self._pass(k + 1)[1]
+
     def cost(self, k: int, draft_cost: float = 0.0) -> float:
         """Time of drafting k tokens (``draft_cost`` each) and a verify pass over 1 + k tokens, in plain steps."""
-        return 1.0 + ((self._overhead + (self._per_token + draft_cost) * k) if k else 0.0)
+        if not k:
+            return 1.0
+        return self._pass(k + 1)[0] + draft_cost * k
 
     def gain(self, p: float, k: int, draft_cost: float = 0.0) -> float:
         """Expected tokens per unit of time (a plain step = 1) for a k-token draft accepted per token with p."""
@@ -507,13 +529,18 @@ def select_draft(state: DecodeState, sources: Sequence[DraftSource],
     return best_index, best
 
 
-def verify(model, state: DecodeState, draft: list[int], tap: _LayerTap | None = None) -> list[int]:
+def verify(model, state: DecodeState, draft: list[int], tap: _LayerTap | None = None, pad: int = 0) -> list[int]:
     """ONE forward pass over [last accepted token] + draft on the cache; the base model's argmax after each input.
 
+    ``pad`` extra inputs make the pass longer where a longer pass is faster (DraftPolicy.pass_length); causal
+    attention keeps them out of every earlier position, and they leave the cache at once.
     Returns g_0..g_k (k = len(draft)); the cache grows by k + 1 positions (``accept`` crops the rejected ones)."""
-    ids = torch.tensor([[state.output[-1], *draft]], dtype=torch.long, device=state.device)  # [1, k+1]
-    out = model(input_ids=ids, cache=state.cache, use_cache=True)  # logits [1, k+1, V]
-    greedy = out.logits[0].argmax(-1).tolist()  # [k+1]; one device->host copy per step
+    last = state.output[-1]
+    ids = torch.tensor([[last, *draft, *[last] * pad]], dtype=torch.long, device=state.device)  # [1, k+1+pad]
+    out = model(input_ids=ids, cache=state.cache, use_cache=True)  # logits [1, k+1+pad, V]
+    if pad:
+        state.cache.crop(-pad)
+    greedy = out.logits[0, : len(draft) + 1].argmax(-1).tolist()  # [k+1]; one device->host copy per step
     if tap is not None:
         state.features = tap.rows(len(draft) + 1)  # layer -> [k+1, H]; accept() keeps the accepted rows
     return greedy
@@ -543,6 +570,38 @@ def accept(state: DecodeState, draft: list[int], greedy: list[int]) -> int:
     if state.features is not None:
         state.features = {layer: rows[:n + 1] for layer, rows in state.features.items()}  # [n+1, H]
     return min(n, len(new))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Measuring the cost model
+
+
+@torch.inference_mode()
+def measure_pass_costs(model, max_q: int = 33, context: int = 256, reps: int = 3) -> list[float]:
+    """Time of one cached forward pass over q = 1..max_q new tokens after ``context`` tokens, relative to q = 1
+    (the fastest of ``reps`` runs each: other work on the machine only ever adds time). DraftPolicy.pass_costs."""
+    device = next(model.parameters()).device
+    vocab = model.get_output_embeddings().weight.shape[0]
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, vocab, (1, context), generator=gen).to(device)  # [1, C]
+    probe = torch.randint(0, vocab, (1, max_q), generator=gen).to(device)  # [1, max_q]
+    cache = _new_cache(model)
+    model(input_ids=prompt, cache=cache, use_cache=True)
+
+    def once(q: int) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        out = model(input_ids=probe[:, :q], cache=cache, use_cache=True)
+        out.logits[0].argmax(-1).tolist()  # as verify does: the host waits for the result
+        seconds = time.perf_counter() - t0
+        cache.crop(-q)
+        return seconds
+
+    for q in (1, max_q):  # warm-up
+        once(q)
+    best = [min(once(q) for _ in range(reps)) for q in range(1, max_q + 1)]
+    return [round(t / best[0], 4) for t in best]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -618,7 +677,7 @@ def speculative_generate(model, prompt_ids: list[int], max_new_tokens: int, eos_
             if state.done:
                 break
             used, draft = select_draft(state, sources, policy)
-            greedy = verify(model, state, draft, tap)
+            greedy = verify(model, state, draft, tap, pad=policy.pass_length(len(draft)) - 1 - len(draft))
             before = len(state.output)
             n = accept(state, draft, greedy)
             policy.update(used, draft, n)
@@ -725,5 +784,6 @@ def greedy_generate(model, prompt_ids: list[int], max_new_tokens: int, eos_ids: 
 
 
 __all__ = ["COPY_PRIORS", "CopySource", "DecodeState", "DraftPolicy", "DraftSource", "ExactAnswerSource",
-           "GenerationResult", "Proposal", "accept", "draft_only_generate", "expected_tokens", "greedy_generate", "prefill", "propose",
+           "GenerationResult", "Proposal", "accept", "draft_only_generate", "expected_tokens", "greedy_generate",
+           "measure_pass_costs", "prefill", "propose",
            "select_draft", "speculative_generate", "verify"]

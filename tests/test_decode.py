@@ -132,6 +132,9 @@ def _source_kinds(prompt, ref, vocab, rng):
         "always-wrong-no-backoff": ([AlwaysWrong(prompt, ref, vocab)], FixedK(5)),
         "mixed": ([ExactAnswerSource(prompt, corrupted), CopySource([prompt[-1:] + ref]),
                    Oracle(prompt, ref, vocab, corrupt=0.5, seed=7)], None),
+        # A measured table where long passes are cheap: short drafts are verified in padded passes.
+        "oracle-padded": ([Oracle(prompt, ref, vocab, corrupt=0.3, seed=3)],
+                          DraftPolicy(pass_costs=[1.0, 3.0, 3.0, 3.0, 1.2, 3.0, 1.3, 1.4])),
     }
 
 
@@ -385,6 +388,24 @@ def test_policy_asks_a_costly_source_only_when_it_pays():
     for _ in range(policy.retry_after):
         policy.update(None, [], 0)
     assert policy.ask(50) == [(0, policy.probe_k)]
+
+
+def test_policy_pads_to_the_cheapest_measured_pass():
+    policy = DraftPolicy(pass_costs=[1.0, 1.66, 2.1, 1.45, 1.5, 1.6])
+    policy.start([], torch.device("cpu"))
+    assert (policy.cost(0), policy.pass_length(0)) == (1.0, 1)
+    assert (policy.cost(1), policy.pass_length(1)) == (1.45, 4)  # q=2 is dearer than q=4: pad
+    assert (policy.cost(3), policy.pass_length(3)) == (1.45, 4)
+    assert (policy.cost(4), policy.pass_length(4)) == (1.5, 5)
+    assert policy.pass_length(10) == 11 and policy.cost(10) == pytest.approx(1.6 + 0.1 * 5)  # the table's slope
+    assert policy.cost(2, draft_cost=0.1) == pytest.approx(1.45 + 0.2)
+
+
+def test_measured_pass_costs_are_relative_to_one_token(models):
+    from kvdb.decode import measure_pass_costs
+
+    costs = measure_pass_costs(models["llama"], max_q=6, context=16, reps=1)
+    assert len(costs) == 6 and costs[0] == 1.0 and all(c > 0 for c in costs)
 
 
 def test_policy_weighs_what_a_draft_costs_to_make():
