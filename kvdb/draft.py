@@ -548,10 +548,13 @@ def save_checkpoint(path: Path, draft: DraftModel, *, epoch: int, metrics: dict[
     try:
         with atomic_path(path) as tmp:
             torch.save(payload, tmp)
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:  # torch's C++ writer reports a failed write as a RuntimeError
+        if isinstance(exc, RuntimeError) and "inline_container" not in str(exc) and "StreamWriter" not in str(exc):
+            raise
         from kvdb.errors import StoreError
 
-        raise StoreError(f"cannot write the checkpoint {path}: {exc.strerror or exc}; check that the folder is "
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "the write failed"
+        raise StoreError(f"cannot write the checkpoint {path}: {reason}; check that the folder is "
                          "writable and the disk has space") from None
     return path
 
