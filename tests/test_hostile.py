@@ -393,6 +393,15 @@ def test_full_disk_during_add_build_and_export(kv: Kvdb, tmp_path):
     assert kv.count() == len(before) + 100
 
 
+def test_full_disk_during_train(kv: Kvdb, tmp_path):
+    out = tmp_path / "ckpt"
+    res = run_limited(kv.home, kv.config, 300_000, "train", "--epochs", "1", "--no-variants", "--out", str(out))
+    assert res.returncode > 0, (res.returncode, res.stderr[-2000:])
+    line = one_error_line(res.stderr)
+    assert "cannot write the checkpoint" in line and "disk has space" in line, line
+    assert not list(out.glob("*.pth")) and not list(out.glob(".*"))  # no half checkpoint, no temporary file
+
+
 # -- every bad input: one sentence, a non-zero exit, no traceback (via `python -m kvdb`) -----------------------------
 def _bad_files(tmp: Path, home: Path, sentinel: Path) -> None:
     """Every file the cases below name, in ``tmp``."""
