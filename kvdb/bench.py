@@ -41,7 +41,7 @@ def read_questions(path: str | Path) -> list[BenchQuestion]:
 
     name, text = read_source(str(path))
     out = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(text.split("\n"), 1):  # JSON strings may hold U+2028 and friends
         if not line.strip():
             continue
         try:
