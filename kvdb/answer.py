@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvdb.decode import (CopySource, DraftPolicy, ExactAnswerSource, draft_only_generate, greedy_generate,
-                         speculative_generate)
+from kvdb.decode import (COPY_PRIORS, UNSURE_COPY_PRIORS, CopySource, DraftPolicy, ExactAnswerSource,
+                         draft_only_generate, greedy_generate, speculative_generate)
 from kvdb.errors import ForeignFileError, KvdbError, NotBuiltError, ValidationError
 from kvdb.lm import LM, load_model
 from kvdb.prompt import Reference, prompt_ids
@@ -157,7 +157,10 @@ class Answerer:
                 sources.append(ExactAnswerSource(ids, request.output))
         hashes = [m.hash for m in result.matches]
         copies = [self.lm.encode(m.answer) for m in result.matches] + self.knowledge.recorded_answers(hashes)
-        sources.append(CopySource(copies, search_context=True))  # the prompt holds the references too
+        # The prompt holds the references too (search_context); copies from references retrieval was not sure of
+        # start from lower priors.
+        sources.append(CopySource(copies, search_context=True,
+                                  priors=COPY_PRIORS if result.confident else UNSURE_COPY_PRIORS))
         if learned and self.draft is not None and result.matches:
             sources.append(self.learned_source(result))
         return sources

@@ -451,3 +451,13 @@ def test_input_checks(models):
             speculative_generate(model, [1, 2], 4, [0])
     finally:
         model.generation_config.repetition_penalty = 1.0
+
+
+def test_copy_priors_follow_origin_and_retrieval_confidence():
+    from kvdb.decode import UNSURE_COPY_PRIORS
+
+    seq = [9, 1, 2, 3, 4, 5, 6]
+    sure, unsure = CopySource([seq]), CopySource([seq], priors=UNSURE_COPY_PRIORS)
+    a, b = sure.propose([7, 1, 2], 4), unsure.propose([7, 1, 2], 4)
+    assert a == b == [3, 4, 5, 6] and a.key == b.key == ("seq", 2)
+    assert b.prior < a.prior  # references retrieval was not sure of are less likely to be copied
