@@ -34,6 +34,7 @@ through the same protocol and may ask for hidden states of chosen base-model lay
 from __future__ import annotations
 
 import inspect
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -309,7 +310,13 @@ class DraftPolicy:
     max_sleep: int = 64
     probe_k: int = 2  # length cap when retrying after a back-off
     pass_costs: Sequence[float] | None = None  # measured: cost of a pass over q tokens / 1 token, q = 1, 2, ..
+    # A draft must promise this much over a plain step: estimates of p and of pass costs are rough, and a marginal
+    # draft that fails costs a whole padded pass (off-topic questions ran at 0.88x with 1.0).
+    min_gain: float = 1.1
+    source_weight: float = 0.5  # share of a source's record a new key of it starts with
+    source_decay: float = 0.95
     step: int = field(default=0, init=False, repr=False)
+    _by_source: dict[int, tuple[float, float, int]] = field(default_factory=dict, init=False, repr=False)
     _tracks: dict[tuple[int, Any], _Track] = field(default_factory=dict, init=False, repr=False)
     _per_token: float = field(default=1 / 24, init=False, repr=False)
     _overhead: float = field(default=0.5, init=False, repr=False)
@@ -324,6 +331,7 @@ class DraftPolicy:
         self._overhead = self.draft_overhead if self.draft_overhead is not None else (0.5 if cpu else 0.05)
         self.step = 0
         self._tracks = {}
+        self._by_source = {}
         self._sources = list(sources)
 
     def _pass(self, q: int) -> tuple[float, int]:
@@ -353,13 +361,14 @@ class DraftPolicy:
         return expected_tokens(p, k) / self.cost(k, draft_cost)
 
     def best_k(self, p: float, cap: int, draft_cost: float = 0.0) -> tuple[int, float]:
-        """(k, gain) maximising the gain for 1 <= k <= cap; (0, 1.0) when no draft beats a plain step."""
+        """(k, gain) maximising the gain for 1 <= k <= cap; (0, 1.0) when no draft beats a plain step by
+        ``min_gain``."""
         best_k, best = 0, 1.0
         for k in range(1, cap + 1):
             g = self.gain(p, k, draft_cost)
             if g > best:
                 best_k, best = k, g
-        return best_k, best
+        return (best_k, best) if best >= self.min_gain else (0, 1.0)
 
     def _draft_cost(self, index: int) -> float:
         return float(getattr(self._sources[index], "token_cost", 0.0) or 0.0)
@@ -372,7 +381,11 @@ class DraftPolicy:
         if track is None:
             if prior is None:
                 prior = float(getattr(self._sources[index], "prior", self.prior))
-            track = _Track(prior * self.prior_weight, (1 - prior) * self.prior_weight, self._cap(index),
+            # A new key of a source inherits part of what that source's other keys showed in this answer: copies
+            # that keep failing on an off-topic question make every further kind of copy suspect too.
+            hits, misses = self._source_record(index)
+            track = _Track(prior * self.prior_weight + self.source_weight * hits,
+                           (1 - prior) * self.prior_weight + self.source_weight * misses, self._cap(index),
                            seen_at=self.step)
             self._tracks[index, key] = track
         track.refresh(self.step, self.decay)
@@ -415,6 +428,12 @@ class DraftPolicy:
         # The draft is already made: only the verify cost is still to pay.
         return self.best_k(track.p, min(track.max_k, len(draft)))
 
+    def _source_record(self, index: int) -> tuple[float, float]:
+        """(accepted tokens, rejections) of source ``index`` over all its keys in this answer, fading slowly."""
+        hits, misses, at = self._by_source.get(index, (0.0, 0.0, self.step))
+        fade = self.source_decay ** (self.step - at)
+        return hits * fade, misses * fade
+
     def update(self, index: int | None, draft: list[int], accepted: int) -> None:
         """Record one step: source ``index`` (None: plain step) drafted ``draft``, ``accepted`` tokens were kept."""
         self.step += 1
@@ -422,6 +441,8 @@ class DraftPolicy:
             return
         key, prior = getattr(draft, "key", None), getattr(draft, "prior", None)
         self._record(index, self._track(index, key, prior), len(draft), accepted)
+        hits, misses = self._source_record(index)
+        self._by_source[index] = (hits + accepted, misses + (1.0 if accepted < len(draft) else 0.0), self.step)
         if (index, "*") in self._tracks and key != "*":
             self._record(index, self._track(index, "*"), len(draft), accepted)
 
@@ -586,9 +607,11 @@ def accept(state: DecodeState, draft: list[int], greedy: list[int]) -> int:
 
 
 @torch.inference_mode()
-def measure_pass_costs(model, max_q: int = 33, context: int = 256, reps: int = 3) -> list[float]:
+def measure_pass_costs(model, max_q: int = 33, context: int = 256, reps: int = 5) -> list[float]:
     """Time of one cached forward pass over q = 1..max_q new tokens after ``context`` tokens, relative to q = 1
-    (the fastest of ``reps`` runs each: other work on the machine only ever adds time). DraftPolicy.pass_costs."""
+    (DraftPolicy.pass_costs). ``reps`` rounds over every q, the median per q: interleaving spreads other work on the
+    machine over all lengths alike, and the median does not reward one lucky run (a fastest-of-3 table once made
+    a 5-token pass look 10% cheaper than it is, and weak drafts worth verifying)."""
     device = next(model.parameters()).device
     vocab = model.get_output_embeddings().weight.shape[0]
     gen = torch.Generator().manual_seed(0)
@@ -609,8 +632,9 @@ def measure_pass_costs(model, max_q: int = 33, context: int = 256, reps: int = 3
 
     for q in (1, max_q):  # warm-up
         once(q)
-    best = [min(once(q) for _ in range(reps)) for q in range(1, max_q + 1)]
-    return [round(t / best[0], 4) for t in best]
+    runs = [[once(q) for q in range(1, max_q + 1)] for _ in range(reps)]
+    typical = [statistics.median(times) for times in zip(*runs)]
+    return [round(t / typical[0], 4) for t in typical]
 
 
 # ----------------------------------------------------------------------------------------------------------------

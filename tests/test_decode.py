@@ -352,7 +352,7 @@ def test_policy_cost_model():
     assert max(k for _, k in policy.ask(5)) == 4  # never draft past max_new_tokens
     k_exact, gain_exact = policy.judge(1, list(range(100)))
     assert k_exact == 100 and gain_exact > 8  # a recorded answer is verified whole
-    weak = Proposal(range(16), key=("seq", 2), prior=0.45)
+    weak = Proposal(range(16), key=("seq", 2), prior=0.55)
     strong = Proposal(range(16), key=("seq", 8), prior=0.85)
     k_weak, k_strong = policy.judge(0, weak)[0], policy.judge(0, strong)[0]
     assert 1 <= k_weak <= 4 < 8 <= k_strong  # a long match earns a long draft
