@@ -37,17 +37,11 @@ class BenchQuestion:
 
 def read_questions(path: str | Path) -> list[BenchQuestion]:
     """JSONL with ``query`` (or ``question``) and ``workload`` (stored | paraphrased | unanswerable) per line."""
-    from kvdb.store.ingest import read_source
+    from kvdb.store.ingest import read_jsonl_objects
 
-    name, text = read_source(str(path))
+    name, rows = read_jsonl_objects(str(path))
     out = []
-    for lineno, line in enumerate(text.split("\n"), 1):  # JSON strings may hold U+2028 and friends
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValidationError(f"{name}:{lineno}: not valid JSON ({exc.msg})") from None
+    for lineno, obj in rows:
         query = obj.get("query", obj.get("question")) if isinstance(obj, dict) else None
         workload = obj.get("workload") if isinstance(obj, dict) else None
         if not isinstance(query, str) or not query.strip():

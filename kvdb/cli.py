@@ -300,17 +300,11 @@ def _shard() -> tuple[int, int]:
 
 
 def _read_queries(path: str) -> list[str]:
-    from kvdb.store.ingest import jsonl_lines, read_source
+    from kvdb.store.ingest import read_jsonl_objects
 
-    name, text = read_source(path)
+    name, rows = read_jsonl_objects(path)
     queries = []
-    for lineno, line in enumerate(jsonl_lines(text), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValidationError(f"{name}:{lineno}: not valid JSON ({exc.msg})") from None
+    for lineno, obj in rows:
         query = obj.get("query") if isinstance(obj, dict) else None
         if not isinstance(query, str) or not query.strip():
             raise ValidationError(f"{name}:{lineno}: needs a non-empty 'query' field")

@@ -80,6 +80,21 @@ def jsonl_lines(text: str) -> list[str]:
     return [line.removesuffix("\r") for line in text.split("\n")]
 
 
+def read_jsonl_objects(path: str) -> tuple[str, list[tuple[int, Any]]]:
+    """(display name, [(line number, parsed value)]) of a JSONL file (or - for stdin); blank lines skipped, the first
+    malformed line is an error naming file and line."""
+    name, text = read_source(path)
+    rows = []
+    for lineno, line in enumerate(jsonl_lines(text), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((lineno, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise ValidationError(f"{name}:{lineno}: not valid JSON ({exc.msg})") from None
+    return name, rows
+
+
 def parse_jsonl(name: str, text: str, default_domain: str | None) -> list[PairInput]:
     items = []
     for lineno, line in enumerate(jsonl_lines(text), 1):
