@@ -46,6 +46,8 @@ class Answer:
         self.baseline = {"seconds": seconds, "speedup": round(seconds / self.stats["seconds"], 3)
                          if self.stats["seconds"] else 0.0, "identical": base.output_ids == self.output_ids,
                          "time_to_first_token": base.stats["time_to_first_token"]}
+        if not self.verified:  # a draft-only answer: keep the verified text to compare with
+            self.baseline["answer"] = lm.decode(base.output_ids)
         return self.baseline
 
     def as_dict(self) -> dict[str, Any]:

@@ -24,8 +24,8 @@ step "kvdb train --epochs ${DEMO_EPOCHS:-1} --no-variants   (a short run of the 
 $KVDB train --epochs "${DEMO_EPOCHS:-1}" --no-variants
 step "kvdb query --generate --vs-greedy   (stored questions verbatim, a paraphrase, an unanswerable question)"
 $KVDB query --file scripts/demo_questions.jsonl --generate --vs-greedy
-step "kvdb query --generate --draft-only   (the draft alone, unverified: fast, approximate)"
-$KVDB query --generate --draft-only -n 40 "How do green plants turn sunlight into food?"
+step "kvdb query --generate --draft-only --vs-greedy   (the draft alone, unverified, and its similarity to the verified answer)"
+$KVDB query --generate --draft-only --vs-greedy -n 40 "How do green plants turn sunlight into food?"
 step "kvdb compare"
 $KVDB compare "Plants turn light, water and carbon dioxide into sugar." "Photosynthesis makes glucose from sunlight."
 step "kvdb stats"

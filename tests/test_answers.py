@@ -52,6 +52,11 @@ def test_draft_only_is_marked_unverified(kvt: Kvdb):
     assert verified["verified"] is True and verified["prompt_ids"] == out["prompt_ids"]
     text = kvt("query", "--generate", "--draft-only", "-n", "6", "What is entropy?").stderr
     assert "NOT verified" in text
+    compared = kvt.json("query", "--generate", "--draft-only", "--vs-greedy", "-n", "12", "What is entropy?")
+    assert compared["greedy_baseline"]["answer"] == verified["answer"]
+    assert -1.0 <= compared["greedy_baseline"]["similarity"]["cosine"] <= 1.0
+    assert "similarity to it" in kvt("query", "--generate", "--draft-only", "--vs-greedy", "-n", "6",
+                                     "What is entropy?").stderr
     assert "contradict" in kvt("query", "--generate", "--draft-only", "--no-draft", "x?", ok=False).stderr
     bare = Kvdb(kvt.home, kvt.config)
     shutil.rmtree(kvt.home / "checkpoints")
