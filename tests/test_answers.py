@@ -130,3 +130,17 @@ def test_train_text_summary(kvt: Kvdb):
     out = kvt("train", "--epochs", "1", "--resume").stdout
     assert "trained 1 epoch(s) to epoch 2" in out and "top-1 agreement with the base model" in out
     assert "evaluated" in kvt("train", "--eval-only").stdout
+
+
+def test_bench_default_questions_come_from_the_store_and_the_bundled_sets(kvt: Kvdb):
+    report = kvt.json("bench", "--per-workload", "1", "-n", "4", "--methods", "greedy,kvdb_copy")
+    by_workload = {r["workload"]: r["query"] for r in report["rows"]}
+    assert set(by_workload) == {"stored", "paraphrased", "unanswerable"}
+    stored = {p["question"] for p in kvt.json("list")}
+    assert by_workload["stored"] in stored
+    # Only paraphrases of questions this store holds (the tiny store shares a few with the default set).
+    from kvdb.bench import _bundled
+
+    sources = {r["query"]: r["source_question"] for r in _bundled("paraphrases.jsonl")}
+    assert sources[by_workload["paraphrased"]] in stored
+    assert by_workload["unanswerable"] in {r["query"] for r in _bundled("unanswerable.jsonl")}
