@@ -690,6 +690,7 @@ def speculative_generate(model, prompt_ids: list[int], max_new_tokens: int, eos_
     observers = [(i, s.observe) for i, s in enumerate(sources) if callable(getattr(s, "observe", None))]
     per_source = {s.name: {"proposals": 0, "drafted": 0, "accepted": 0} for s in sources}
     tap = _LayerTap(model, layers) if layers else None  # no hooks at all when nobody asks for features
+    max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
     steps = drafted_total = accepted_total = 0
     try:
         t0 = time.perf_counter()
@@ -710,7 +711,10 @@ def speculative_generate(model, prompt_ids: list[int], max_new_tokens: int, eos_
             if state.done:
                 break
             used, draft = select_draft(state, sources, policy)
-            greedy = verify(model, state, draft, tap, pad=policy.pass_length(len(draft)) - 1 - len(draft))
+            # Padding never runs past the model's positions (the cache holds prompt + output[:-1]).
+            room = max_positions - (len(state.prompt_ids) + len(state.output) - 1) - (len(draft) + 1)
+            pad = max(0, min(policy.pass_length(len(draft)) - 1 - len(draft), room))
+            greedy = verify(model, state, draft, tap, pad=pad)
             before = len(state.output)
             n = accept(state, draft, greedy)
             policy.update(used, draft, n)

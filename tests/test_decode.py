@@ -461,3 +461,33 @@ def test_copy_priors_follow_origin_and_retrieval_confidence():
     a, b = sure.propose([7, 1, 2], 4), unsure.propose([7, 1, 2], 4)
     assert a == b == [3, 4, 5, 6] and a.key == b.key == ("seq", 2)
     assert b.prior < a.prior  # references retrieval was not sure of are less likely to be copied
+
+
+def test_padding_stops_at_the_models_last_position(models, monkeypatch):
+    from kvdb import decode
+
+    model = models["llama"]
+    prompt, max_new = list(range(5, 45)), 12
+    eos = [599]
+    ref = reference(model, prompt, max_new, eos)
+    seen = []
+    real_verify = decode.verify
+
+    def spy(model_, state, draft, tap=None, pad=0):
+        seen.append(len(state.prompt_ids) + len(state.output) - 1 + len(draft) + 1 + pad)
+        return real_verify(model_, state, draft, tap, pad)
+
+    monkeypatch.setattr(decode, "verify", spy)
+    monkeypatch.setattr(model.config, "max_position_embeddings", len(prompt) + max_new)
+    policy = DraftPolicy(pass_costs=[1.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 1.1])  # pads every draft to 8 inputs
+    oracle = Oracle(prompt, ref, model.config.vocab_size)
+
+    class OneToken:  # one-token drafts: every step is padded, up to the very last one
+        name, prior = "one", 0.99
+
+        def propose(self, context, k):
+            return oracle.propose(context, min(k, 1))
+
+    got = speculative_generate(model, prompt, max_new, eos, [OneToken()], policy)
+    assert got.output_ids == ref and len(seen) >= 5
+    assert max(seen) == len(prompt) + max_new  # padded right up to the last position, never past it
