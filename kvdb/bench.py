@@ -156,7 +156,7 @@ def run_bench(runtime, questions: Sequence[BenchQuestion], max_new_tokens: int |
     notices += answerer.notices
     # The first passes of a process are slow (allocation, kernel choice): warm every method once, untimed.
     result, ids, _ = answerer.prepare(questions[0].query, 4)
-    for name in methods:
+    for name in list(methods):  # a copy: a method that cannot run is dropped from ``methods``
         try:
             plans[name](ids, result, questions[0].query)
         except Exception as exc:  # e.g. a transformers version without assistant_early_exit for this model
@@ -251,5 +251,10 @@ def plot(report: dict[str, Any], path: str | Path) -> Path:
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
     path = Path(path)
-    atomic_write_bytes(path, buf.getvalue())
+    try:
+        atomic_write_bytes(path, buf.getvalue())
+    except OSError as exc:
+        from kvdb.errors import StoreError
+
+        raise StoreError(f"cannot write the chart {path}: {exc.strerror or exc}") from None
     return path

@@ -105,6 +105,11 @@ def test_bench_runs_every_method_on_the_same_prompts(kvt: Kvdb, tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"query": "x?", "workload": "other"}])
     assert "'workload' must be one of" in kvt("bench", "--questions", str(bad), ok=False).stderr
     assert "unknown method" in kvt("bench", "--questions", str(questions), "--methods", "magic", ok=False).stderr
+    blocked = tmp_path / "file"
+    blocked.write_text("x")
+    out = kvt("bench", "--questions", str(questions), "-n", "2", "--methods", "greedy", "--plot",
+              str(blocked / "chart.png"), ok=False)
+    assert "cannot write the chart" in out.stderr and "Traceback" not in out.stderr
     json.dumps(report)  # the report is plain JSON
 
 
