@@ -318,7 +318,7 @@ def _read_queries(path: str) -> list[str]:
 @click.option("--top-k", "-k", type=click.IntRange(1, 1000), default=None, help="Pairs to return [config index.top_k].")
 @click.option("--domain", "-d", default=None, help="Search only this domain.")
 @click.option("--cache", "cache_path", type=click.Path(dir_okay=False), default=None,
-              help="Retrieve from an exported knowledge_cache.pth instead of the store (nothing is written).")
+              help="Retrieve from an exported knowledge_cache.pth instead of the store (the store is not opened).")
 @click.option("--generate", "-g", is_flag=True, help="Answer with the base model (speculative, lossless).")
 @click.option("--max-new-tokens", "-n", type=int, default=None, help="With --generate: answer length cap [config].")
 @click.option("--draft", "draft_path", type=click.Path(dir_okay=False), default=None,
