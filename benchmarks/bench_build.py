@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from sqlalchemy import func, insert, select  # noqa: E402
 
-from kvdb.build import Builder, PairText, pair_sequence, prefill_batch, resolve_layers  # noqa: E402
+from kvdb.build import Builder, PairText, pair_sequence, resolve_layers  # noqa: E402
 from kvdb.examples import load_examples  # noqa: E402
 from kvdb.lm import pad_right  # noqa: E402
 from kvdb.runtime import Runtime  # noqa: E402
@@ -115,7 +115,8 @@ def bench_noop(home: Path, n: int) -> dict:
 
 
 def bench_query_embedding(home: Path, repeats: int = 50) -> dict:
-    from kvdb.embed import load_embedder, resolve_embedder
+    from kvdb.embed import load_embedder
+    from kvdb.identity import resolve_embedder
 
     rt = Runtime.open(home)
     embedder = load_embedder(resolve_embedder(rt.config.embedder, rt.home), rt.config.embedder)

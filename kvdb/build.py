@@ -21,9 +21,10 @@ from sqlalchemy import and_, delete, select
 from sqlalchemy.orm import Session
 
 from kvdb.config import Config, Home
-from kvdb.embed import EmbedderRef, load_embedder, resolve_embedder
+from kvdb.embed import load_embedder
+from kvdb.identity import EmbedderRef, ModelRef, resolve_embedder, resolve_model
 from kvdb.errors import ValidationError
-from kvdb.lm import LM, ModelRef, load_model, pad_right, resolve_model
+from kvdb.lm import LM, load_model, pad_right
 from kvdb.store.blobs import pack
 from kvdb.store.db import Store
 from kvdb.store.models import Embedding, ModelInfo, Pair, PairVectors

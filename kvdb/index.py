@@ -27,9 +27,8 @@ import faiss
 import numpy as np
 
 from kvdb.errors import IndexCorruptError, ValidationError
+from kvdb.uptodate import FAISS_FILE, META_FILE
 
-FAISS_FILE = "index.faiss"
-META_FILE = "index.json"
 FORMAT = "kvdb-faiss-index"
 FORMAT_VERSION = 1
 

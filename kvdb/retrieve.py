@@ -11,7 +11,6 @@ embeddings table, which is the source of truth.
 
 from __future__ import annotations
 
-import re
 import sys
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -20,13 +19,15 @@ import numpy as np
 from sqlalchemy import select
 
 from kvdb.config import Config, Home
-from kvdb.embed import EmbedderRef, load_embedder, resolve_embedder
+from kvdb.embed import load_embedder
+from kvdb.identity import EmbedderRef, resolve_embedder
 from kvdb.errors import IndexCorruptError, NotBuiltError, ValidationError
 from kvdb.index import IndexSpec, VectorIndex
 from kvdb.store.blobs import unpack
 from kvdb.store.db import Store
 from kvdb.store.models import Embedding, Pair
 from kvdb.store.pairs import domain_id
+from kvdb.uptodate import index_dir
 
 SLOTS = 16  # slot 0: question, 1: answer, 2..15: question variants
 FIELD_SLOTS = {"question": 0, "answer": 1}
@@ -98,7 +99,7 @@ class Retriever:
             self.ref: EmbedderRef = embedder.ref
         else:
             if model_fingerprint is None and config.embedder.source == "base-mean":
-                from kvdb.lm import resolve_model
+                from kvdb.identity import resolve_model
 
                 model_fingerprint = resolve_model(config.model, home).fingerprint
             self.ref = resolve_embedder(config.embedder, home, model_fingerprint)
@@ -110,7 +111,7 @@ class Retriever:
 
     @property
     def index_dir(self):
-        return self.home.index_dir / re.sub(r"[^A-Za-z0-9_.-]+", "_", self.ref.key)
+        return index_dir(self.home, self.ref.key)
 
     def embedder(self):
         if self._embedder is None:

@@ -8,7 +8,8 @@ from collections import Counter
 from typing import Any
 
 from kvdb.config import Config, Home
-from kvdb.embed import load_embedder, resolve_embedder
+from kvdb.embed import load_embedder
+from kvdb.identity import resolve_embedder
 from kvdb.errors import ValidationError
 
 _TOKEN = re.compile(r"\w+", re.UNICODE)

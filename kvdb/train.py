@@ -252,7 +252,8 @@ class RetrieverReferences:
 def default_references(runtime, lm, sources: Sources, k: int, rerank: bool | None = None) -> ReferencesFor:
     """What generation will use: kvdb.retrieve over the store when it is there (``rerank`` None: as configured),
     else the embedding stand-in (always the stand-in for a cache file, whose pairs need not be in the store)."""
-    from kvdb.embed import load_embedder, resolve_embedder
+    from kvdb.embed import load_embedder
+    from kvdb.identity import resolve_embedder
 
     if sources.origin == "store":
         try:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import sqlite3
 
+import pytest
+
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from kvdb.store.db import Store
+from kvdb.errors import SchemaError
+from kvdb.store.db import SCHEMA_HEAD, Store
 from kvdb.store.models import Base
 from tests.conftest import Kvdb
 
@@ -61,3 +64,16 @@ def test_models_match_migrations(tmp_path):
     with store.engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert diff == []
+
+
+def test_schema_head_constant_is_the_newest_migration(tmp_path):
+    """Opening a store at head skips Alembic's script loader by comparing with SCHEMA_HEAD: it must be the head."""
+    store = Store(f"sqlite:///{tmp_path}/h.sqlite")
+    assert SCHEMA_HEAD == store.head_revision()
+    store.upgrade("0001")
+    assert store._stored_revision() == "0001"
+    with pytest.raises(SchemaError, match="kvdb db upgrade"):  # an older store still gets the upgrade message
+        store.ensure_schema()
+    store.upgrade()
+    store.ensure_schema()
+    assert store._stored_revision() == SCHEMA_HEAD
