@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from sqlalchemy import select
+from sqlalchemy import insert, select
 
 from kvdb.config import Config, Home
 from kvdb.errors import ForeignFileError, NotBuiltError, NotFoundError, StoreError, ValidationError
@@ -200,8 +200,8 @@ def _cache_object(session, model: ModelInfo, layers: list[int], embedder_key: st
 
 def export_caches(config: Config, home: Home, store: Store, domain: str = "all", out: Path | None = None,
                   progress: bool = False) -> list[ExportedFile]:
-    from kvdb.embed import resolve_embedder
-    from kvdb.lm import resolve_model
+    from kvdb.identity import resolve_embedder
+    from kvdb.identity import resolve_model
 
     ref = resolve_model(config.model, home)
     emb_ref = resolve_embedder(config.embedder, home, ref.fingerprint)
@@ -283,6 +283,40 @@ def load_cache(path: str | Path) -> dict[str, Any]:
 
 
 # -- import -------------------------------------------------------------------------------------------------------
+_PAGE = 4096
+_MADV_DONTNEED = 4
+
+
+def _madvise():
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc.madvise
+
+
+def release_pages(obj: dict[str, Any], lo: int, hi: int, _madvise=_madvise()) -> None:
+    """Let the kernel drop the pages of pairs ``lo:hi`` of a cache opened by :func:`load_cache`, once they are read.
+
+    The cache is memory-mapped, and a mapped page stays in the process's resident set until the mapping goes, so
+    reading a large cache pair by pair would still end with the whole file resident. ``MADV_DONTNEED`` on a clean
+    file-backed page drops it (a later read would fetch it from the file again). Only whole pages inside one
+    tensor's own bytes are released, so no other pair's data is touched. Linux only; elsewhere the OS pages as it
+    sees fit.
+    """
+    if _madvise is None:
+        return
+    for i in range(lo, min(hi, len(obj["token_vectors"]))):
+        for t in obj["token_vectors"][i].values():
+            storage = t.untyped_storage()
+            start = -(-storage.data_ptr() // _PAGE) * _PAGE  # inward: round the start up and the end down
+            end = (storage.data_ptr() + storage.nbytes()) // _PAGE * _PAGE
+            if end > start:
+                _madvise(start, end - start, _MADV_DONTNEED)
+
+
 @dataclass
 class ImportReport:
     added: int = 0
@@ -299,8 +333,8 @@ def import_cache(config: Config, home: Home, store: Store, path: str | Path,
                  on_progress: Callable[[int], None] | None = None) -> ImportReport:
     """Add the pairs of a cache, and its vectors and embeddings where they were made by the current model and
     embedder; all in one transaction."""
-    from kvdb.embed import resolve_embedder
-    from kvdb.lm import resolve_model
+    from kvdb.identity import resolve_embedder
+    from kvdb.identity import resolve_model
     from kvdb.store.blobs import pack
     from kvdb.store.pairs import PairInput, add_pairs, pair_hash
 
@@ -330,26 +364,41 @@ def import_cache(config: Config, home: Home, store: Store, path: str | Path,
                                   hidden_size=int(model["hidden_size"]), num_layers=int(model["num_layers"]),
                                   info={"imported_from": str(path), "layers": list(model.get("layers", []))}))
             session.flush()
+        # Core inserts a chunk at a time: ORM objects would keep every blob in the session until commit.
+        vec_rows: list[dict[str, Any]] = []
+        emb_rows: list[dict[str, Any]] = []
+
+        def write_chunk() -> None:
+            if vec_rows:
+                session.execute(insert(PairVectors), vec_rows)
+            if emb_rows:
+                session.execute(insert(Embedding), emb_rows)
+            vec_rows.clear()
+            emb_rows.clear()
+
         for i, item in enumerate(items):
             h = item.hash
             if reuse_vectors and h not in have_vec:
                 tensors = {"token_ids": obj["token_ids"][i].to(torch.int32), **obj["token_vectors"][i]}
                 data, digest = pack(tensors)
-                session.add(PairVectors(pair_hash=h, fingerprint=ref.fingerprint, layers=list(model["layers"]),
-                                        num_tokens=int(tensors["token_ids"].numel()),
-                                        answer_start=int(obj["answer_starts"][i]), data=data, checksum=digest))
+                vec_rows.append(dict(pair_hash=h, fingerprint=ref.fingerprint, layers=list(model["layers"]),
+                                     num_tokens=int(tensors["token_ids"].numel()),
+                                     answer_start=int(obj["answer_starts"][i]), data=data, checksum=digest))
                 have_vec.add(h)
                 report.vectors += 1
             if reuse_emb and h not in have_emb:
                 fields = obj["embedding_fields"][i]
                 data, digest = pack({k: v.float() for k, v in fields.items()})
-                session.add(Embedding(pair_hash=h, embedder=emb_ref.key, dim=int(fields["question"].shape[-1]),
-                                      data=data, checksum=digest))
+                emb_rows.append(dict(pair_hash=h, embedder=emb_ref.key, dim=int(fields["question"].shape[-1]),
+                                     data=data, checksum=digest))
                 have_emb.add(h)
                 report.embeddings += 1
-            if on_progress and i % 256 == 0:
-                session.flush()
-                on_progress(i)
+            if i % 256 == 255:
+                write_chunk()
+                release_pages(obj, i - 255, i + 1)
+                if on_progress:
+                    on_progress(i + 1)
+        write_chunk()
 
     added = add_pairs(store, items, config.store, after=extra)
     report.added, report.skipped = added.added, added.skipped
