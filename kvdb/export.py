@@ -297,24 +297,26 @@ def _madvise():
     return libc.madvise
 
 
-def release_pages(obj: dict[str, Any], lo: int, hi: int, _madvise=_madvise()) -> None:
+def release_pages(obj: dict[str, Any], lo: int, hi: int, _madvise=_madvise()) -> int:
     """Let the kernel drop the pages of pairs ``lo:hi`` of a cache opened by :func:`load_cache`, once they are read.
 
     The cache is memory-mapped, and a mapped page stays in the process's resident set until the mapping goes, so
     reading a large cache pair by pair would still end with the whole file resident. ``MADV_DONTNEED`` on a clean
     file-backed page drops it (a later read would fetch it from the file again). Only whole pages inside one
     tensor's own bytes are released, so no other pair's data is touched. Linux only; elsewhere the OS pages as it
-    sees fit.
+    sees fit. Returns the bytes released.
     """
+    released = 0
     if _madvise is None:
-        return
+        return released
     for i in range(lo, min(hi, len(obj["token_vectors"]))):
         for t in obj["token_vectors"][i].values():
             storage = t.untyped_storage()
             start = -(-storage.data_ptr() // _PAGE) * _PAGE  # inward: round the start up and the end down
             end = (storage.data_ptr() + storage.nbytes()) // _PAGE * _PAGE
-            if end > start:
-                _madvise(start, end - start, _MADV_DONTNEED)
+            if end > start and _madvise(start, end - start, _MADV_DONTNEED) == 0:
+                released += end - start
+    return released
 
 
 @dataclass
