@@ -133,52 +133,67 @@ class ExportedFile:
     pairs: int
 
 
-def _pair_rows(session, fingerprint: str, embedder: str, dom_id: int | None, chunk: int = 256):
-    """Yield (pair, vectors row, embedding row) for every pair that has vectors, in store order, a chunk at a time."""
+_COLUMNS = {  # what each pass of an export reads: a pass fetches only the blob it writes
+    "qa_pairs": (Pair.hash, Domain.name, Pair.question, Pair.answer, Pair.meta),
+    "token_ids": (Pair.hash, PairVectors.data, PairVectors.checksum),
+    "token_vectors": (Pair.hash, PairVectors.data, PairVectors.checksum),
+    "answer_starts": (Pair.hash, PairVectors.answer_start),
+    "embeddings": (Pair.hash, Embedding.data, Embedding.checksum),
+    "embedding_fields": (Pair.hash, Embedding.data, Embedding.checksum),
+}
+
+
+def _pair_rows(session, kind: str, fingerprint: str, embedder: str, dom_id: int | None, chunk: int = 256):
+    """Yield the ``kind`` columns of every pair that has vectors, in store order, a chunk at a time (plain rows,
+    no ORM objects: an export of a large store makes one pass per list, and object loading dominated it)."""
     last = 0
     while True:
         query = (
-            select(Pair, PairVectors, Embedding)
+            select(Pair.id, *_COLUMNS[kind])
             .join(PairVectors, (PairVectors.pair_hash == Pair.hash) & (PairVectors.fingerprint == fingerprint))
-            .outerjoin(Embedding, (Embedding.pair_hash == Pair.hash) & (Embedding.embedder == embedder))
             .where(Pair.id > last)
             .order_by(Pair.id)
             .limit(chunk)
         )
+        if kind == "qa_pairs":
+            query = query.join(Domain, Domain.id == Pair.domain_id)
+        if kind in ("embeddings", "embedding_fields"):
+            query = query.outerjoin(Embedding, (Embedding.pair_hash == Pair.hash) & (Embedding.embedder == embedder))
         if dom_id is not None:
             query = query.where(Pair.domain_id == dom_id)
         rows = session.execute(query).all()
         if not rows:
             return
-        yield from rows
-        last = rows[-1][0].id
-        session.expunge_all()  # keep the session's identity map from growing with the store
+        for row in rows:
+            yield row[1:]
+        last = rows[-1][0]
 
 
 def _cache_object(session, model: ModelInfo, layers: list[int], embedder_key: str, embedder_dim: int,
                   domain: str, dom_id: int | None) -> dict[str, Any]:
-    rows = lambda: _pair_rows(session, model.fingerprint, embedder_key, dom_id)  # noqa: E731 - a fresh pass each
+    def rows(kind: str):  # a fresh pass each time
+        return _pair_rows(session, kind, model.fingerprint, embedder_key, dom_id)
 
     def pairs():
-        for pair, _, _ in rows():
-            yield {"hash": pair.hash, "domain": pair.domain.name, "question": pair.question, "answer": pair.answer,
-                   "metadata": pair.meta or {}}
+        for h, domain_name, question, answer, meta in rows("qa_pairs"):
+            yield {"hash": h, "domain": domain_name, "question": question, "answer": answer, "metadata": meta or {}}
 
     def tensors(kind: str) -> Iterator[Any]:
-        for pair, vec, emb in rows():
+        for h, *cols in rows(kind):
             if kind == "answer_starts":
-                yield vec.answer_start
+                yield cols[0]
                 continue
+            data, digest = cols
             if kind in ("token_ids", "token_vectors"):
-                t = unpack(vec.data, vec.checksum, f"vectors of pair {pair.hash[:12]}")
+                t = unpack(data, digest, f"vectors of pair {h[:12]}")
                 if kind == "token_ids":
                     yield t["token_ids"].clone()
                 else:
                     yield {k: v.clone() for k, v in sorted(t.items()) if k.startswith("layer_")}
                 continue
-            if emb is None:
-                raise NotBuiltError(f"pair {pair.hash[:12]} has vectors but no embedding; run `kvdb build`")
-            fields = unpack(emb.data, emb.checksum, f"embedding of pair {pair.hash[:12]}")
+            if data is None:
+                raise NotBuiltError(f"pair {h[:12]} has vectors but no embedding; run `kvdb build`")
+            fields = unpack(data, digest, f"embedding of pair {h[:12]}")
             if kind == "embeddings":
                 yield fields["question"][0].clone()
             else:
