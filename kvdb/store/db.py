@@ -138,7 +138,6 @@ def _translate(err: exc.DBAPIError, where: str, backend: str = "sqlite", passwor
             return found
     if isinstance(err, (exc.IntegrityError, exc.ProgrammingError)):
         raise err  # a constraint or a bug in the calling code: not the store's condition, keep it as it is
-    text = str(err.orig) if getattr(err, "orig", None) is not None else str(err)
     low = text.lower()
     if backend != "sqlite":
         return StoreError(f"the store at {where} failed: {text.strip().splitlines()[0] if text.strip() else text}")
@@ -178,7 +177,8 @@ class Store:
         self.url = url
         try:
             parsed = make_url(url)
-        except exc.ArgumentError:
+            parsed.port  # noqa: B018 - a port that is not a number fails here, not at connect
+        except (exc.ArgumentError, ValueError):
             raise StoreError(f"{url.split('@')[-1]!r} is not a database URL; use sqlite:////path/kvdb.sqlite or "
                              "postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB") from None
         self.backend = parsed.get_backend_name()
