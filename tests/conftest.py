@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import sqlite3
 from pathlib import Path
@@ -93,6 +94,7 @@ def pg_server():
     if reason is not None:
         pytest.skip(f"PostgreSQL tests skipped: {reason}")
     server = PgServer()
+    atexit.register(server.stop)  # also when the session dies before its teardown (stop is idempotent)
     try:
         server.start()
         yield server

@@ -2,13 +2,15 @@
 (fsync off), hand out one fresh database per test, stop it and delete the folder at the end.
 
 initdb and postgres refuse to run as root; as root they run as the ``postgres`` user (``runuser``) in a folder it
-owns. ``scripts/postgres.sh install`` (run by ``make test``) installs Debian's package where the binaries are missing.
+owns. A detached watchdog stops the server if the test process dies without its teardown.
+``scripts/postgres.sh install`` (run by ``make test``) installs Debian's package where the binaries are missing.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -88,7 +90,20 @@ class PgServer:
             log = self.log.read_text(errors="replace")[-1500:] if self.log.exists() else ""
             raise RuntimeError(f"pg_ctl start failed: {done.stderr[-800:]} {log}")
         self.started = True
+        self._watchdog()
         return self
+
+    def _watchdog(self) -> None:
+        """A detached shell that stops the server and removes its folder once this process is gone, however it
+        ended (a killed test run skips fixture teardown and atexit); it exits by itself after a normal ``stop``."""
+        stop = [str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop"]
+        if self.as_root:
+            stop = ["runuser", "-u", "postgres", "--", *stop]
+        script = (f"while kill -0 {os.getpid()} 2>/dev/null && [ -d {shlex.quote(str(self.data))} ]; do sleep 1; "
+                  f"done; if [ -d {shlex.quote(str(self.data))} ]; then {shlex.join(stop)} >/dev/null 2>&1; "
+                  f"rm -rf {shlex.quote(str(self.root))}; fi")
+        subprocess.Popen(["sh", "-c", script], start_new_session=True, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def stop(self) -> None:
         try:

@@ -202,6 +202,28 @@ def test_threads_bumping_the_revision_lose_no_update(pg_url):
     store.dispose()
 
 
+def test_first_use_by_several_threads_migrates_once(pg_url):
+    """New database, several openers at once: one migrates (under the migration lock), the others find it done."""
+    errors: list[BaseException] = []
+    stores: list[Store] = []
+
+    def first_use() -> None:
+        try:
+            stores.append(open_store(pg_url))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=first_use) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(stores) == 4
+    assert {s.current_revision() for s in stores} == {"0002"}
+    for s in stores:
+        s.dispose()
+
+
 WRITERS, FILES_EACH, PAIRS_EACH = 4, 5, 4
 
 
