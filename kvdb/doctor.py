@@ -115,8 +115,9 @@ def _check_schema(report: Report, store) -> bool:
 
 def _check_integrity(report: Report, store) -> None:
     if not store.is_sqlite:
-        report.add("integrity", SKIPPED, f"PRAGMA integrity_check is SQLite's; {store.backend} checks its own "
-                                         "pages (the other checks below still read every row and blob)")
+        report.add("integrity", SKIPPED, "PRAGMA integrity_check is SQLite's; on PostgreSQL check pages with its "
+                                         "data checksums or pg_amcheck (the checks below still read every row and "
+                                         "blob)")
         return
     try:
         with store.engine.connect() as conn:
