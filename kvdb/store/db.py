@@ -59,8 +59,9 @@ def _sqlite_engine(url: str, busy_timeout_ms: int) -> Engine:
 
 
 def _postgres_engine(url: str, busy_timeout_ms: int) -> Engine:
-    # Timestamps come back in UTC whatever the server's own time zone is.
-    engine = create_engine(url, pool_pre_ping=True, connect_args={"options": "-c timezone=UTC"})
+    # Timestamps come back in UTC whatever the server's own time zone is (unless the URL sets its own options).
+    own_options = "options" in make_url(url).query
+    engine = create_engine(url, pool_pre_ping=True, connect_args={} if own_options else {"options": "-c timezone=UTC"})
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn) -> None:
