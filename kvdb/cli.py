@@ -253,7 +253,8 @@ def stats(ctx, as_json) -> None:
                    f"({model['fingerprint'][:12]}, {model['tokens']} tokens)")
     for emb in result["embeddings"]:
         click.echo(f"embeddings: {emb['count']} by {emb['embedder']}")
-    click.echo(f"database:   {result['database_bytes']} bytes, schema {result['schema_revision']}")
+    click.echo(f"database:   {result['database_bytes']} bytes ({result['backend']}), schema "
+               f"{result['schema_revision']}")
 
 
 # -- build, retrieval, export -----------------------------------------------------------------------------------
@@ -618,7 +619,7 @@ def doctor(ctx, repair, as_json) -> None:
 # -- schema ---------------------------------------------------------------------------------------------------
 @cli.group(cls=KvdbGroup)
 def db() -> None:
-    """Schema migrations of the store (Alembic, run from code)."""
+    """Schema migrations of the store (Alembic, run from code) and copying it to another database."""
 
 
 @db.command()
@@ -656,6 +657,26 @@ def status(ctx, as_json) -> None:
         return
     state = "up to date" if current == head else "needs `kvdb db upgrade`"
     click.echo(f"{store.where}: schema {current or 'empty'} (newest {head}), {state}")
+
+
+@db.command(name="copy")
+@click.option("--to", "target", required=True, metavar="URL",
+              help="Database URL of the new, empty store: sqlite:////path/kvdb.sqlite or "
+                   "postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB.")
+@json_option
+@click.pass_context
+def copy_(ctx, target, as_json) -> None:
+    """Copy the whole store (every table, ids kept) into a new, empty database, in one transaction."""
+    from kvdb.store.copy import copy_store
+
+    rt = _rt(ctx)
+    report = copy_store(rt.store, target, busy_timeout_ms=rt.config.store.busy_timeout_ms)
+    if as_json:
+        emit_json(report.as_dict())
+        return
+    for table, n in report.tables.items():
+        click.echo(f"{table:<14} {n:>8} row(s)")
+    click.echo(f"copied {sum(report.tables.values())} row(s) from {report.source} to {report.target}")
 
 
 def main() -> None:

@@ -2,7 +2,8 @@
 
 Checks, in order: the schema revision, SQLite's own ``integrity_check``, rows whose pair is gone, foreign keys, every
 stored blob against its checksum, the FAISS index against the store, temporary files a killed write left behind, and
-that every export and checkpoint file loads. The store's pairs are the source of truth and are never touched; what
+that every export and checkpoint file loads. On PostgreSQL the SQLite-only check (``integrity_check``) is reported as
+skipped with the reason, and foreign keys are checked with plain SQL instead of ``PRAGMA foreign_key_check``. The store's pairs are the source of truth and are never touched; what
 ``repair`` deletes is derived data (a damaged blob, an orphan row, a stale or broken index, a temp file) that
 `kvdb build` or the next query makes again. Files a user may want to keep (exports, checkpoints) are only reported.
 """
@@ -24,7 +25,7 @@ from kvdb.errors import CorruptError, KvdbError
 from kvdb.store.blobs import unpack
 from kvdb.store.models import BaseAnswer, Embedding, Pair, PairVectors
 
-OK, PROBLEM, REPAIRED = "ok", "problem", "repaired"
+OK, PROBLEM, REPAIRED, SKIPPED = "ok", "problem", "repaired", "skipped"
 
 # Temporary names of kvdb.fileio.atomic_path (".NAME.<random>.tmp") and kvdb.index ("NAME.<pid>.<hex>.tmp").
 TEMP_RE = re.compile(r"^\..+\.tmp$")
@@ -41,7 +42,7 @@ class ProblemsFound(CorruptError):
 @dataclass
 class Finding:
     check: str
-    status: str  # ok | problem | repaired
+    status: str  # ok | problem | repaired | skipped (does not apply to this backend; the detail says why)
     detail: str
 
     def as_dict(self) -> dict[str, str]:
@@ -96,6 +97,9 @@ def _check_schema(report: Report, store) -> bool:
     try:
         current, head = store.current_revision(), store.head_revision()
     except (KvdbError, exc.DBAPIError) as e:
+        if not store.is_sqlite:
+            report.add("schema", PROBLEM, f"{_first_line(e)}")
+            return False
         report.add("schema", PROBLEM, f"the store at {store.where} cannot be read ({_first_line(e)}); restore a "
                                       "backup, or recover it with `sqlite3 kvdb.sqlite .recover`")
         return False
@@ -111,7 +115,9 @@ def _check_schema(report: Report, store) -> bool:
 
 def _check_integrity(report: Report, store) -> None:
     if not store.is_sqlite:
-        report.add("integrity", OK, "skipped: PRAGMA integrity_check is SQLite's; the server checks its own pages")
+        report.add("integrity", SKIPPED, "PRAGMA integrity_check is SQLite's; on PostgreSQL check pages with its "
+                                         "data checksums or pg_amcheck (the checks below still read every row and "
+                                         "blob)")
         return
     try:
         with store.engine.connect() as conn:
@@ -158,20 +164,41 @@ def _check_orphans(report: Report, store, repair: bool) -> None:
 
 
 def _check_foreign_keys(report: Report, store) -> None:
-    if not store.is_sqlite:
-        report.add("foreign_keys", OK, "skipped: the server enforces foreign keys itself")
-        return
-    with store.engine.connect() as conn:
-        rows = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
-    if not rows:
-        report.add("foreign_keys", OK, "PRAGMA foreign_key_check: no dangling references")
-        return
     by_edge: dict[str, int] = {}
-    for table, _rowid, parent, _fk in rows:
-        by_edge[f"{table} -> {parent}"] = by_edge.get(f"{table} -> {parent}", 0) + 1
+    if store.is_sqlite:
+        how = "PRAGMA foreign_key_check"
+        with store.engine.connect() as conn:
+            rows = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+        for table, _rowid, parent, _fk in rows:
+            by_edge[f"{table} -> {parent}"] = by_edge.get(f"{table} -> {parent}", 0) + 1
+    else:
+        how = "every foreign key checked by SQL"
+        with store.read() as session:
+            for table, parent, n in _dangling_references(session):
+                by_edge[f"{table} -> {parent}"] = by_edge.get(f"{table} -> {parent}", 0) + n
+    if not by_edge:
+        report.add("foreign_keys", OK, f"{how}: no dangling references")
+        return
     shown = ", ".join(f"{n} in {edge}" for edge, n in sorted(by_edge.items()))
     report.add("foreign_keys", PROBLEM, f"rows refer to rows that do not exist ({shown}); remove them with "
                                         "`kvdb remove` or restore a backup")
+
+
+def _dangling_references(session) -> Iterator[tuple[str, str, int]]:
+    """(table, parent table, rows) for every foreign key of the schema whose rows name a parent that is not there;
+    portable SQL for servers without SQLite's PRAGMA (which enforce foreign keys themselves, so this finds nothing
+    unless they were switched off or the rows were loaded around them)."""
+    from sqlalchemy import func
+
+    from kvdb.store.models import Base
+
+    for table in Base.metadata.sorted_tables:
+        for fk in table.foreign_keys:
+            child, parent = fk.parent, fk.column
+            n = session.scalar(select(func.count()).select_from(table).where(
+                child.is_not(None), ~select(parent).where(parent == child).exists()))
+            if n:
+                yield table.name, parent.table.name, int(n)
 
 
 def _blob_rows(store, model) -> Iterator[tuple]:

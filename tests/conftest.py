@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import sqlite3
 from pathlib import Path
@@ -33,12 +34,14 @@ def home(tmp_path) -> Path:
 
 
 class Kvdb:
-    """Runs `kvdb --home HOME ...` in-process and checks the exit code."""
+    """Runs `kvdb --home HOME ...` in-process and checks the exit code; with ``database_url`` the store is that
+    database (KVDB_DATABASE_URL) instead of HOME/kvdb.sqlite."""
 
-    def __init__(self, home: Path, config: Path | None = None):
+    def __init__(self, home: Path, config: Path | None = None, database_url: str | None = None):
         self.home = home
         self.config = config
-        self.runner = CliRunner()
+        self.database_url = database_url
+        self.runner = CliRunner(env={"KVDB_DATABASE_URL": database_url} if database_url else None)
 
     def __call__(self, *args: str, input: str | bytes | None = None, ok: bool = True):
         base = ["--home", str(self.home)]
@@ -55,7 +58,16 @@ class Kvdb:
         return json.loads(self(*args, "--json", input=input).stdout)
 
     def count(self) -> int:
-        """Pairs in the store, read straight from SQLite (independent of the code under test)."""
+        """Pairs in the store, read straight from SQLite or psycopg (independent of the code under test)."""
+        if self.database_url:
+            import psycopg
+            from sqlalchemy.engine import make_url
+
+            u = make_url(self.database_url)
+            with psycopg.connect(host=u.host, port=u.port, user=u.username, dbname=u.database) as conn:
+                if conn.execute("select to_regclass('pairs')").fetchone()[0] is None:
+                    return 0  # never opened: no schema yet, as no SQLite file
+                return conn.execute("select count(*) from pairs").fetchone()[0]
         db = self.home / "kvdb.sqlite"
         if not db.exists():
             return 0
@@ -71,3 +83,33 @@ def kv(home) -> Kvdb:
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+# -- PostgreSQL (tests/pgserver.py): one server per session, one fresh database per test -------------------------
+@pytest.fixture(scope="session")
+def pg_server():
+    from tests.pgserver import PgServer, why_unavailable
+
+    reason = why_unavailable()
+    if reason is not None:
+        pytest.skip(f"PostgreSQL tests skipped: {reason}")
+    server = PgServer()
+    atexit.register(server.stop)  # also when the session dies before its teardown (stop is idempotent)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_url(pg_server) -> str:
+    """A postgresql+psycopg:// URL of a new, empty database, dropped after the test."""
+    name = pg_server.create_database()
+    yield pg_server.url(name)
+    pg_server.drop_database(name)
+
+
+@pytest.fixture
+def pg_kv(home, pg_url) -> Kvdb:
+    return Kvdb(home, database_url=pg_url)

@@ -2,8 +2,11 @@
 
 SQLite runs in WAL mode with foreign keys on and a busy timeout, and every write transaction starts with
 ``BEGIN IMMEDIATE``: a second writer waits for the lock at BEGIN instead of failing later with "database is locked"
-when a read transaction tries to upgrade. Alembic runs from code; a store at another revision is refused with the
-command that fixes it.
+when a read transaction tries to upgrade. PostgreSQL gets the same serialised writers from its own locking: every
+write transaction first takes one transaction-scoped advisory lock (``pg_advisory_xact_lock``), waiting at most the
+busy timeout, so check-then-insert code (pairs add/replace, domain creation, the revision counter, vector upserts)
+cannot race at READ COMMITTED; reads take no lock. Alembic runs from code; a store at another revision is refused
+with the command that fixes it.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from sqlalchemy import create_engine, event, exc, select, update
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from kvdb.errors import SchemaError, StoreError
@@ -27,6 +30,10 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent.parent.parent / "migrations"
 # The newest migration, so that opening a store at head needs one SELECT and not Alembic's script loader (half a
 # second of imports on every command); tests/test_migrations.py checks it against the migrations folder.
 SCHEMA_HEAD = "0002"
+
+# Advisory lock keys (any 64-bit constants, the same in every kvdb process): one for writers, one for migrations.
+PG_WRITE_LOCK = 0x6B76_6462_7772_6974  # "kvdbwrit"
+PG_MIGRATE_LOCK = 0x6B76_6462_6D69_6772  # "kvdbmigr"
 
 
 def _sqlite_engine(url: str, busy_timeout_ms: int) -> Engine:
@@ -54,11 +61,90 @@ def _sqlite_engine(url: str, busy_timeout_ms: int) -> Engine:
     return engine
 
 
-def _translate(err: exc.DBAPIError, where: str) -> StoreError:
+def _postgres_engine(url: str, busy_timeout_ms: int) -> Engine:
+    # Timestamps come back in UTC whatever the server's own time zone is (unless the URL sets its own options).
+    own_options = "options" in make_url(url).query
+    engine = create_engine(url, pool_pre_ping=True, connect_args={} if own_options else {"options": "-c timezone=UTC"})
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn) -> None:
+        if conn.get_execution_options().get("kvdb_write"):
+            # Serialise writers like SQLite's BEGIN IMMEDIATE: the lock is released at commit or rollback. Waiting
+            # longer than the busy timeout fails with "lock timeout", which _translate turns into "stayed locked".
+            conn.exec_driver_sql(f"SET LOCAL lock_timeout = {int(busy_timeout_ms)}")
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({PG_WRITE_LOCK})")
+
+    return engine
+
+
+# SQLSTATE classes and codes of PostgreSQL errors that are the server's condition, not a bug in the calling code.
+_PG_STATES = (
+    ("08", "connection"), ("28", "auth"), ("3D000", "no_database"), ("53100", "disk_full"), ("53", "resources"),
+    ("25006", "read_only"), ("55P03", "locked"), ("57P", "shutdown"), ("42501", "privilege"),
+)
+
+
+def _pg_kind(err: exc.DBAPIError, low: str) -> str | None:
+    state = getattr(getattr(err, "orig", None), "sqlstate", None) or ""
+    for prefix, kind in _PG_STATES:
+        if state.startswith(prefix):
+            return kind
+    if state:
+        return None
+    # Errors raised while connecting carry no SQLSTATE: recognise them by their text.
+    for needle, kind in (("password authentication failed", "auth"), ("role \"", "auth"),
+                         ("no pg_hba.conf entry", "auth"), ("database \"", "no_database"),
+                         ("connection refused", "connection"), ("could not translate host name", "connection"),
+                         ("connection to server", "connection"), ("timeout expired", "connection"),
+                         ("no space left", "disk_full"), ("read-only transaction", "read_only"),
+                         ("lock timeout", "locked")):
+        if needle in low:
+            return kind
+    return None
+
+
+def _translate_pg(err: exc.DBAPIError, where: str, text: str) -> StoreError | None:
+    first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    kind = _pg_kind(err, text.lower())
+    if kind is None:
+        return None
+    if kind == "connection":
+        return StoreError(f"cannot connect to the PostgreSQL store at {where} ({first}); check that the server is "
+                          "running and the host and port of KVDB_DATABASE_URL")
+    if kind == "auth":
+        return StoreError(f"PostgreSQL refused the login to {where} ({first}); check the user and password in "
+                          "KVDB_DATABASE_URL (or the server's pg_hba.conf)")
+    if kind == "no_database":
+        return StoreError(f"the PostgreSQL store at {where} cannot be opened ({first}); create it first, e.g. "
+                          "`createdb NAME`, then run the command again")
+    if kind in ("disk_full", "resources"):
+        return StoreError(f"the PostgreSQL server of {where} ran out of space or resources ({first}); the write was "
+                          "rolled back and nothing stored before it is lost; free some space and run the command "
+                          "again")
+    if kind == "read_only":
+        return StoreError(f"the store at {where} is read-only ({first}); nothing was changed")
+    if kind == "locked":
+        return StoreError(f"the store at {where} stayed locked by another writer; try again")
+    if kind == "shutdown":
+        return StoreError(f"the PostgreSQL server of {where} shut down or ended the connection ({first}); the "
+                          "transaction was rolled back; run the command again when it is back")
+    return StoreError(f"PostgreSQL denied access to {where} ({first}); grant the user of KVDB_DATABASE_URL the "
+                      "rights it needs on the kvdb tables")
+
+
+def _translate(err: exc.DBAPIError, where: str, backend: str = "sqlite", password: str | None = None) -> StoreError:
+    text = str(err.orig) if getattr(err, "orig", None) is not None else str(err)
+    if password:
+        text = text.replace(password, "***")
+    if backend != "sqlite":
+        found = _translate_pg(err, where, text)
+        if found is not None:
+            return found
     if isinstance(err, (exc.IntegrityError, exc.ProgrammingError)):
         raise err  # a constraint or a bug in the calling code: not the store's condition, keep it as it is
-    text = str(err.orig) if getattr(err, "orig", None) is not None else str(err)
     low = text.lower()
+    if backend != "sqlite":
+        return StoreError(f"the store at {where} failed: {text.strip().splitlines()[0] if text.strip() else text}")
     if "not a database" in low or "malformed" in low:
         return StoreError(f"the store at {where} is damaged ({text.strip().splitlines()[0]}); run `kvdb doctor`, "
                           "then restore a backup or recover it with `sqlite3 kvdb.sqlite .recover`")
@@ -93,10 +179,21 @@ class Store:
 
     def __init__(self, url: str, busy_timeout_ms: int = 60_000):
         self.url = url
-        parsed = make_url(url)
-        self.is_sqlite = parsed.get_backend_name() == "sqlite"
+        try:
+            parsed = make_url(url)
+            parsed.port  # noqa: B018 - a port that is not a number fails here, not at connect
+        except (exc.ArgumentError, ValueError):
+            raise StoreError(f"{url.split('@')[-1]!r} is not a database URL; use sqlite:////path/kvdb.sqlite or "
+                             "postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB") from None
+        self.backend = parsed.get_backend_name()
+        self.is_sqlite = self.backend == "sqlite"
+        self.is_postgres = self.backend == "postgresql"
+        self._password = parsed.password
         self.where = sqlite_path(parsed.database, parsed.query) if self.is_sqlite else \
             parsed.render_as_string(hide_password=True)
+        if not (self.is_sqlite or self.is_postgres):
+            raise StoreError(f"the store at {self.where}: kvdb supports SQLite and PostgreSQL "
+                             f"(postgresql+psycopg://...), not {self.backend}")
         if self.is_sqlite:
             if self.where and self.where != ":memory:" and parsed.query.get("mode") != "ro":
                 path = Path(self.where)
@@ -107,8 +204,12 @@ class Store:
             self.engine = _sqlite_engine(url, busy_timeout_ms)
             self._write_engine = self.engine.execution_options(kvdb_begin="IMMEDIATE")
         else:
-            self.engine = create_engine(url, pool_pre_ping=True)
-            self._write_engine = self.engine
+            try:
+                self.engine = _postgres_engine(url, busy_timeout_ms)
+            except ImportError as e:
+                raise StoreError(f"the store at {self.where} needs the PostgreSQL driver ({e}); install it with "
+                                 "`pip install 'kvdb[postgres]'` and use a postgresql+psycopg:// URL") from None
+            self._write_engine = self.engine.execution_options(kvdb_write=True)
         self._read_sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._write_sessions = sessionmaker(self._write_engine, expire_on_commit=False)
 
@@ -119,7 +220,7 @@ class Store:
             with self._read_sessions() as session:
                 yield session
         except exc.DatabaseError as e:  # OperationalError and a damaged file
-            raise _translate(e, self.where) from None
+            raise self._translate(e) from None
 
     @contextlib.contextmanager
     def write(self) -> Iterator[Session]:
@@ -128,7 +229,19 @@ class Store:
             with self._write_sessions() as session, session.begin():
                 yield session
         except exc.DatabaseError as e:  # OperationalError and a damaged file
-            raise _translate(e, self.where) from None
+            raise self._translate(e) from None
+
+    @contextlib.contextmanager
+    def write_connection(self) -> Iterator[Connection]:
+        """A Core connection in one write transaction (the writers' lock taken), committed or rolled back whole."""
+        try:
+            with self._write_engine.begin() as conn:
+                yield conn
+        except exc.DatabaseError as e:
+            raise self._translate(e) from None
+
+    def _translate(self, err: exc.DBAPIError) -> StoreError:
+        return _translate(err, self.where, self.backend, self._password)
 
     def bump_revision(self, session: Session) -> None:
         """Mark the searchable content changed (pairs or embeddings); called inside the writing transaction."""
@@ -168,11 +281,12 @@ class Store:
             with self.engine.connect() as conn:
                 return MigrationContext.configure(conn).get_current_revision()
         except exc.DatabaseError as e:  # OperationalError and a damaged file
-            raise _translate(e, self.where) from None
+            raise self._translate(e) from None
 
     @contextlib.contextmanager
     def _migration_lock(self) -> Iterator[None]:
-        """Serialise first-use migrations between processes (SQLite DDL is not guarded by BEGIN IMMEDIATE here)."""
+        """Serialise first-use migrations between processes (SQLite DDL is not guarded by BEGIN IMMEDIATE here;
+        PostgreSQL takes an advisory lock inside the migrating transaction instead, see ``_run_alembic``)."""
         if not self.is_sqlite or not self.where or self.where == ":memory:":
             yield
             return
@@ -194,9 +308,11 @@ class Store:
 
         try:
             with self.engine.begin() as conn:
+                if self.is_postgres:  # one migrating process at a time; the others then find the schema current
+                    conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({PG_MIGRATE_LOCK})")
                 getattr(command, action)(self.alembic_config(conn), revision)
         except exc.DatabaseError as e:  # OperationalError and a damaged file
-            raise _translate(e, self.where) from None
+            raise self._translate(e) from None
 
     def upgrade(self, revision: str = "head") -> None:
         with self._migration_lock():

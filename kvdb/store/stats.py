@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from kvdb.config import Home
 from kvdb.store.db import Store
@@ -36,12 +36,15 @@ def store_stats(store: Store, home: Home) -> dict[str, Any]:
         ]
         answers = session.scalar(select(func.count(BaseAnswer.id))) or 0
         revision = store.revision(session)
-    size = 0
+        size = 0
+        if store.is_postgres:  # the whole database on the server: tables, indexes, TOASTed blobs
+            size = int(session.scalar(text("SELECT pg_database_size(current_database())")) or 0)
     if store.is_sqlite and store.where and os.path.exists(store.where):
         size = sum(os.path.getsize(p) for p in (store.where, store.where + "-wal") if os.path.exists(p))
     return {
         "home": str(home.root),
         "database": store.where,
+        "backend": store.backend,
         "schema_revision": store.current_revision(),
         "pairs": pairs,
         "domains": domains,
