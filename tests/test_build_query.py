@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvdb.build import Builder, pair_sequence, PairText
+from kvdb.build import pair_sequence, PairText
 from kvdb.config import Home, load_config
 from kvdb.lm import load_model
 from kvdb.runtime import Runtime
