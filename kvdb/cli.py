@@ -273,30 +273,45 @@ def _domain_arg(domain: str | None) -> str | None:
 @click.pass_context
 def build(ctx, domain, batch_size, rebuild, as_json) -> None:
     """Prefill pairs that lack vectors for the current model; embed them for retrieval; refresh the index."""
+    from kvdb import distributed
     from kvdb.build import Builder
     from kvdb.retrieve import Retriever
 
     rt = _rt(ctx)
-    builder = Builder(rt.config, rt.home, rt.store)
-    report = builder.run(domain=_domain_arg(domain), batch_size=batch_size, rebuild=rebuild,
-                         progress=_show_progress(as_json), shard=_shard())
-    retriever = Retriever(rt.config, rt.home, rt.store, embedder=builder._embedder,
-                          model_fingerprint=builder.model_ref.fingerprint)
-    index = retriever.index()
+    with distributed.session() as me:
+        _rank_device(rt, me)
+        builder = Builder(rt.config, rt.home, rt.store)
+        report = builder.run(domain=_domain_arg(domain), batch_size=batch_size, rebuild=rebuild,
+                             progress=_show_progress(as_json), shard=(me.rank, me.world))
+        if not me.is_main:
+            return  # rank 0 alone rebuilds the index and reports, for every rank (the report is their sum)
+        retriever = Retriever(rt.config, rt.home, rt.store, embedder=builder._embedder,
+                              model_fingerprint=builder.model_ref.fingerprint)
+        index = retriever.index()
     result = {**report.as_dict(), "indexed_pairs": index.meta.get("pairs", 0)}
+    if me.distributed:
+        result["ranks"] = me.world
     if as_json:
         emit_json(result)
         return
     for failure in report.failures[:10]:
         click.echo(f"failed {failure['hash'][:12]}: {failure['reason']}", err=True)
     rate = f", {result['tokens_per_second']:.0f} tokens/s" if report.tokens else ""
+    ranks = f" on {me.world} ranks" if me.distributed else ""
     click.echo(f"built {report.built}, skipped {report.skipped} already built, failed {report.failed}"
-               f" ({report.tokens} tokens in {report.seconds:.1f}s{rate}); index covers {result['indexed_pairs']} pairs")
+               f" ({report.tokens} tokens in {report.seconds:.1f}s{rate}{ranks}); index covers "
+               f"{result['indexed_pairs']} pairs")
 
 
-def _shard() -> tuple[int, int]:
-    """(rank, world) under torchrun; (0, 1) otherwise."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+def _rank_device(rt: Runtime, me) -> None:
+    """Under torchrun each rank takes its own GPU (cuda:LOCAL_RANK) when the config leaves the device to kvdb."""
+    import dataclasses
+
+    from kvdb.distributed import device_for
+
+    if me.distributed:
+        model = dataclasses.replace(rt.config.model, device=device_for(me, rt.config.model.device))
+        rt.config = dataclasses.replace(rt.config, model=model)
 
 
 def _read_queries(path: str) -> list[str]:
