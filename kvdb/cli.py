@@ -582,8 +582,14 @@ def train(ctx, epochs, batch_size, lr, resume, cache, out, eval_only, variants, 
     if variants is not None:
         rt.config = dataclasses.replace(rt.config, training=dataclasses.replace(rt.config.training,
                                                                                 use_variants=variants))
-    result = run_training(rt, epochs=epochs, batch_size=batch_size, lr=lr, resume=resume, cache=cache, out=out,
-                          eval_only=eval_only, progress=_show_progress(as_json))
+    from kvdb import distributed
+
+    with distributed.session() as me:
+        _rank_device(rt, me)
+        result = run_training(rt, epochs=epochs, batch_size=batch_size, lr=lr, resume=resume, cache=cache, out=out,
+                              eval_only=eval_only, progress=_show_progress(as_json))
+    if not me.is_main:
+        return  # rank 0 reports for all (every rank computed the same metrics)
     if as_json:
         emit_json(result)
         return
