@@ -68,9 +68,12 @@ class BuildReport:
     failures: list[dict[str, str]] = field(default_factory=list)
     model: str | None = None
     embedder: str | None = None
+    ranks: list[dict[str, Any]] | None = None  # under torchrun: each rank's own share (built, embedded, tokens, seconds)
 
     def as_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
+        if d["ranks"] is None:
+            del d["ranks"]
         d["tokens_per_second"] = round(self.tokens / self.seconds, 1) if self.seconds else 0.0
         return d
 
@@ -321,6 +324,9 @@ class Builder:
 def _combine(report: BuildReport) -> BuildReport:
     """The report of all ranks: counts summed, seconds the slowest rank's (the wall time of the whole build),
     failures gathered in rank order."""
+    own = {"built": report.built, "embedded": report.embedded, "tokens": report.tokens,
+           "seconds": round(report.seconds, 3)}
+    report.ranks = distributed.all_gather(own)
     counts = distributed.all_reduce_sum([report.built, report.embedded, report.skipped, report.failed,
                                          report.tokens])
     report.built, report.embedded, report.skipped, report.failed, report.tokens = (int(c) for c in counts)

@@ -141,6 +141,18 @@ def barrier() -> None:
         dist.barrier()
 
 
+@contextlib.contextmanager
+def main_first() -> Iterator[None]:
+    """Rank 0 runs the block first and the others after it: for work whose result the others then reuse instead of
+    repeating it at the same time (converting a model, hashing files into the home's cache, base-model answers)."""
+    me = current()
+    if not me.is_main:
+        barrier()
+    yield
+    if me.is_main:
+        barrier()
+
+
 def all_reduce_sum(values: list[float] | list[int]) -> list[float]:
     """Element-wise sum of ``values`` over ranks (float64 on the CPU, over gloo)."""
     import torch.distributed as dist

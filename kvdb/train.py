@@ -1218,11 +1218,9 @@ def train(runtime, epochs: int | None = None, batch_size: int | None = None, lr:
     # Under torchrun rank 0 computes (and stores) the base model's answers while the others wait; they then prepare
     # the same data from what it stored, computing no answer twice.
     me = distributed.current()
-    if not me.is_main:
-        distributed.barrier()
-    data = prepare(runtime, lm, dcfg, cache=cache, references_for=references_for, progress=progress and me.is_main)
-    if me.is_main:
-        distributed.barrier()
+    with distributed.main_first():
+        data = prepare(runtime, lm, dcfg, cache=cache, references_for=references_for,
+                       progress=progress and me.is_main)
     t_data = time.perf_counter()
 
     # The draft vocabulary: frequent ids + every token of the training data (prompts, answers, knowledge).
