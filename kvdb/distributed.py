@@ -2,8 +2,8 @@
 they need. Outside torchrun (no ``WORLD_SIZE`` above 1) every helper is a no-op on one rank, so library code calls
 them unconditionally and single-process behaviour is unchanged.
 
-The process group carries CPU tensors over gloo always, and CUDA tensors over NCCL when the ranks have GPUs
-(``cpu:gloo,cuda:nccl``): counts, plans and metrics are exchanged on the CPU, DDP's gradients on the device.
+The process group carries CPU tensors over gloo always, and CUDA tensors over NCCL when every rank has a GPU of its
+own (``cpu:gloo,cuda:nccl``): counts, plans and metrics are exchanged on the CPU, DDP's gradients on the device.
 """
 
 from __future__ import annotations
@@ -115,9 +115,11 @@ def session(timeout_s: float = 1800.0) -> Iterator[Rank]:
     if not _user_set_threads():
         torch.set_num_threads(_threads_per_rank(me))
     backend = "cpu:gloo"
-    if torch.cuda.is_available() and dist.is_nccl_available():
+    if torch.cuda.is_available():
         torch.cuda.set_device(me.local_rank % torch.cuda.device_count())
-        backend = "cpu:gloo,cuda:nccl"
+        # NCCL refuses two ranks on one GPU; with fewer GPUs than ranks gloo carries the CUDA tensors too.
+        backend = "cpu:gloo,cuda:nccl" if dist.is_nccl_available() and \
+            me.local_world <= torch.cuda.device_count() else "gloo"
     dist.init_process_group(backend=backend, rank=me.rank, world_size=me.world,
                             timeout=datetime.timedelta(seconds=timeout_s))
     try:
