@@ -1038,7 +1038,10 @@ class BatchLoss(torch.nn.Module):
         self.draft = draft
 
     def forward(self, batch, knowledge, vocab, index, use_knowledge, steps, feature_weight):  # noqa: D102
-        return batch_loss(self.draft, batch, knowledge, vocab, index, use_knowledge, steps, feature_weight)
+        loss = batch_loss(self.draft, batch, knowledge, vocab, index, use_knowledge, steps, feature_weight)
+        # Every trained parameter takes part in every step (adding 0 leaves the gradients as they are): DDP waits for
+        # a gradient of each one, and a batch that skips a module (e.g. examples without knowledge) would stall it.
+        return loss + 0.0 * sum(p.sum() for p in self.draft.trainable_parameters())
 
 
 def ddp_wrap(draft: DraftModel):
