@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from kvdb.errors import ConfigError
+from kvdb.errors import ConfigError, DistributedError
 
 
 @dataclass(frozen=True)
@@ -129,6 +129,16 @@ def session(timeout_s: float = 1800.0) -> Iterator[Rank]:
             dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def collective(what: str) -> Iterator[None]:
+    """A collective that fails because a peer is gone becomes one sentence pointing at that peer's error."""
+    try:
+        yield
+    except RuntimeError as exc:  # gloo's "Connection closed by peer", NCCL's DistBackendError, timeouts
+        raise DistributedError(f"rank {current().rank}: {what} failed because another rank stopped or cannot be "
+                               f"reached; its own error says why [{str(exc).splitlines()[0][:120]}]") from None
+
+
 def _active() -> bool:
     import torch.distributed as dist
 
@@ -140,7 +150,8 @@ def barrier() -> None:
     import torch.distributed as dist
 
     if _active():
-        dist.barrier()
+        with collective("waiting for the other ranks"):
+            dist.barrier()
 
 
 @contextlib.contextmanager
@@ -162,7 +173,8 @@ def all_reduce_sum(values: list[float] | list[int]) -> list[float]:
     if not _active():
         return [float(v) for v in values]
     t = torch.tensor([float(v) for v in values], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    with collective("summing counts over ranks"):
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
 
 
@@ -172,7 +184,8 @@ def all_reduce_max(values: list[float]) -> list[float]:
     if not _active():
         return [float(v) for v in values]
     t = torch.tensor([float(v) for v in values], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    with collective("the maximum over ranks"):
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
 
 
@@ -183,7 +196,8 @@ def broadcast(obj: Any, src: int = 0) -> Any:
     if not _active():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src, device=torch.device("cpu"))
+    with collective(f"receiving rank {src}'s data"):
+        dist.broadcast_object_list(box, src=src, device=torch.device("cpu"))
     return box[0]
 
 
@@ -194,7 +208,8 @@ def all_gather(obj: Any) -> list[Any]:
     if not _active():
         return [obj]
     out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    with collective("gathering results from every rank"):
+        dist.all_gather_object(out, obj)
     return out
 
 

@@ -1091,7 +1091,11 @@ def train_epoch(draft: DraftModel, optimizer, examples: Sequence[Example], knowl
             loss = ddp(batch, knowledge, vocab, index, use_knowledge, steps, feature_weight)
             scaled = loss * weight
         optimizer.zero_grad(set_to_none=True)
-        scaled.backward()
+        if ddp is None:
+            scaled.backward()
+        else:
+            with distributed.collective("the gradient all-reduce"):
+                scaled.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         n = len(batch) if weight else 0

@@ -99,8 +99,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(home: Path, cfg: Path, probe: Path, writes: Path, *args: str) -> dict:
-    """`torchrun --nproc-per-node 2 -m kvdb --home HOME --config CFG ARGS --json`; returns the one JSON printed."""
+def torchrun(home: Path, cfg: Path, probe: Path, writes: Path, *args: str, ok: bool = True):
+    """`torchrun --nproc-per-node 2 -m kvdb --home HOME --config CFG ARGS --json`; returns the one JSON printed
+    (with ``ok=False``: the failed process, checked to have failed)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KVDB_", "RANK", "WORLD_SIZE", "LOCAL_",
                                                                       "MASTER_"))}
     env.update(PYTHONPATH=os.pathsep.join([str(probe), str(ROOT)]), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
@@ -108,6 +109,9 @@ def torchrun(home: Path, cfg: Path, probe: Path, writes: Path, *args: str) -> di
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
            str(_free_port()), "-m", "kvdb", "--home", str(home), "--config", str(cfg), *args, "--json"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    if not ok:
+        assert proc.returncode != 0, proc.stdout
+        return proc
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-3000:]}"
     return json.loads(proc.stdout)  # exactly one document: rank 1 prints nothing
 
@@ -252,3 +256,17 @@ def test_bad_torchrun_environment_is_one_line(kv, monkeypatch, env, message):
         monkeypatch.setenv(k, v)
     result = kv("build", ok=False)
     assert message in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_a_failing_rank_stops_the_run_with_one_line_errors(setup, tmp_path):
+    """Rank 0 fails on bad input (a missing model folder); rank 1, waiting for it, stops too instead of hanging, and
+    each says what happened in one line."""
+    _, _, probe = setup
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"model:\n  source: {tmp_path / 'missing-model'}\n")
+    proc = torchrun(tmp_path / "home", bad, probe, tmp_path / "writes.log", "build", ok=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
+    assert any("missing-model" in e and "is neither a folder" in e for e in errors), proc.stderr[-2000:]
+    # Rank 1 says so in its own line, unless torchrun's SIGTERM (sent when rank 0 failed) came first.
+    assert all(e.startswith(("Error: rank 1: ", "Error: model source")) for e in errors), errors
+    assert all("another rank stopped" in e for e in errors if e.startswith("Error: rank 1: "))
