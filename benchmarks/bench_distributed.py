@@ -58,7 +58,7 @@ def kvdb(home: Path, args: list[str], nproc: int = 1, threads: int | None = None
          str(_free_port()), "-m", "kvdb"]
     t0 = time.perf_counter()
     proc = subprocess.run([*head, "--home", str(home), *args, "--json"], env=_env(threads), capture_output=True,
-                          text=True)
+                          text=True, check=False)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.exit(f"kvdb {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
@@ -105,7 +105,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_distributed.json")
     args = ap.parse_args()
     n = cores()
-    configs = [("1x%d" % n, 1, None), ("1x1", 1, 1), (f"{args.nproc}x{max(1, n // args.nproc)}", args.nproc, None)]
+    configs = [(f"1x{n}", 1, None), ("1x1", 1, 1), (f"{args.nproc}x{max(1, n // args.nproc)}", args.nproc, None)]
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="kvdb-bench-dist-") as tmp:
         template = Path(tmp) / "template"
@@ -129,8 +129,8 @@ def main() -> None:
                                                                                      max(1, n // nproc)),
                              "best_tokens_per_second": best["tokens_per_second"], "runs": runs}
         single, one_thread, dist = (results[c[0]] for c in configs)
-        identity = {f"{configs[2][0]} vs {configs[1][0]}": compare(Path(tmp) / configs[1][0], Path(tmp) / configs[2][0]),
-                    f"{configs[2][0]} vs {configs[0][0]}": compare(Path(tmp) / configs[0][0], Path(tmp) / configs[2][0])}
+        dist_home = Path(tmp) / configs[2][0]
+        identity = {f"{configs[2][0]} vs {name}": compare(Path(tmp) / name, dist_home) for name, _, _ in configs[:2]}
     report = {
         "benchmark": "kvdb build, one process vs torchrun",
         "command": f"benchmarks/bench_distributed.py --nproc {args.nproc} --repeat {args.repeat}",

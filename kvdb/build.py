@@ -68,7 +68,7 @@ class BuildReport:
     failures: list[dict[str, str]] = field(default_factory=list)
     model: str | None = None
     embedder: str | None = None
-    ranks: list[dict[str, Any]] | None = None  # under torchrun: each rank's own share (built, embedded, tokens, seconds)
+    ranks: list[dict[str, Any]] | None = None  # under torchrun: each rank's share (built, embedded, tokens, seconds)
 
     def as_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)

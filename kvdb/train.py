@@ -1037,7 +1037,7 @@ class BatchLoss(torch.nn.Module):
         super().__init__()
         self.draft = draft
 
-    def forward(self, batch, knowledge, vocab, index, use_knowledge, steps, feature_weight):  # noqa: D102
+    def forward(self, batch, knowledge, vocab, index, use_knowledge, steps, feature_weight):
         loss = batch_loss(self.draft, batch, knowledge, vocab, index, use_knowledge, steps, feature_weight)
         # Every trained parameter takes part in every step (adding 0 leaves the gradients as they are): DDP waits for
         # a gradient of each one, and a batch that skips a module (e.g. examples without knowledge) would stall it.
