@@ -20,6 +20,7 @@ import torch
 from sqlalchemy import and_, delete, select
 from sqlalchemy.orm import Session
 
+from kvdb import distributed
 from kvdb.config import Config, Home
 from kvdb.embed import load_embedder
 from kvdb.identity import EmbedderRef, ModelRef, resolve_embedder, resolve_model
@@ -68,9 +69,12 @@ class BuildReport:
     failures: list[dict[str, str]] = field(default_factory=list)
     model: str | None = None
     embedder: str | None = None
+    ranks: list[dict[str, Any]] | None = None  # under torchrun: each rank's share (built, embedded, tokens, seconds)
 
     def as_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
+        if d["ranks"] is None:
+            del d["ranks"]
         d["tokens_per_second"] = round(self.tokens / self.seconds, 1) if self.seconds else 0.0
         return d
 
@@ -177,57 +181,82 @@ class Builder:
 
     def run(self, domain: str | None = None, batch_size: int | None = None, rebuild: bool = False,
             progress: bool = True, shard: tuple[int, int] = (0, 1)) -> BuildReport:
-        """Build what is missing. ``shard=(rank, world)`` keeps every world-th pair (for torchrun)."""
-        report = BuildReport(model=self.model_ref.name, embedder=self.embedder_ref.key)
-        with self.store.read() as session:
-            need_vec, need_emb, total = self.plan(session, domain, rebuild)
+        """Build what is missing. ``shard=(rank, world)`` (torchrun) splits the work between ``world`` processes.
+
+        Sharding is by prefill batch, not by pair: every rank forms the batches the single-process build forms (the
+        same pairs, sorted by length, cut every ``batch_size``) and prefills its share of them, balanced by padded
+        tokens, so each pair is built once and its vectors are exactly the single-process ones. Under a process
+        group rank 0's plan is broadcast (so a rank that starts late, after others wrote, plans nothing different)
+        and the report returned on every rank covers all ranks."""
         rank, world = shard
-        need_vec, need_emb = need_vec[rank::world], need_emb[rank::world]
+        if not 0 <= rank < world:
+            raise ValidationError(f"shard {rank} of {world} does not exist (need 0 <= rank < world)")
+        report = BuildReport(model=self.model_ref.name, embedder=self.embedder_ref.key)
+        plan = None
+        if rank == 0 or not distributed.current().distributed:
+            with self.store.read() as session:
+                plan = self.plan(session, domain, rebuild)
+        need_vec, need_emb, total = distributed.broadcast(plan) if world > 1 else plan
         todo = {p.hash: p for p in need_vec} | {p.hash: p for p in need_emb}
-        report.skipped = total - len({p.hash for p in need_vec} | {p.hash for p in need_emb}) if world == 1 else 0
-        if not todo:
-            return report
+        report.skipped = total - len(todo) if rank == 0 else 0
         start = time.perf_counter()
-        batch = max(1, batch_size or self.config.build.batch_size)
+        if todo:
+            self._run_share(todo, need_vec, need_emb, max(1, batch_size or self.config.build.batch_size), rebuild,
+                            report, progress, rank, world)
+            report.seconds = time.perf_counter() - start
+        return _combine(report) if world > 1 else report
+
+    def _run_share(self, todo: dict[str, PairText], need_vec: list[PairText], need_emb: list[PairText], batch: int,
+                   rebuild: bool, report: BuildReport, progress: bool, rank: int, world: int) -> None:
         vec_hashes = {p.hash for p in need_vec}
         emb_hashes = {p.hash for p in need_emb}
-        bar = _progress(len(todo), progress)
+        groups: list[list[PairTokens]] = []
+        prefilled: set[str] = set()
+        layers: list[int] = []
+        failed: list[dict[str, str]] = []
+        if vec_hashes:
+            lm = self.lm()
+            layers = resolve_layers(self.config.build.layers, lm.num_layers)
+            self._ensure_model_row(lm, layers)
+            seqs = []
+            for pair in (todo[h] for h in todo if h in vec_hashes):
+                seq = pair_sequence(lm, pair)
+                if len(seq.ids) > min(self.config.build.max_tokens, lm.max_positions):
+                    failed.append({"hash": pair.hash, "reason": f"{len(seq.ids)} tokens, over build.max_tokens"})
+                    continue
+                seqs.append(seq)
+            seqs.sort(key=lambda s: len(s.ids))  # similar lengths together: little padding
+            groups = [seqs[i : i + batch] for i in range(0, len(seqs), batch)]
+            prefilled = {s.pair.hash for s in seqs}
+            owner = distributed.assign([len(g) * len(g[-1].ids) for g in groups], world) if world > 1 else \
+                [0] * len(groups)
+            groups = [g for g, r in zip(groups, owner) if r == rank]
+        # Pairs that need only an embedding (or whose prefill failed): chunks of 64, every world-th one here.
+        rest = [todo[h] for h in todo if h in emb_hashes and h not in prefilled]
+        chunks = [rest[i : i + 64] for i in range(0, len(rest), 64)][rank::world]
+        if rank == 0:
+            report.failed += len(failed)
+            report.failures += failed
+        mine = sum(len(g) for g in groups) + sum(1 for c in chunks for p in c if p.hash not in vec_hashes)
+        bar = _progress(mine + (len(failed) if rank == 0 else 0), progress,
+                        "build" if world == 1 else f"build [rank {rank}]")
         try:
-            embedded: set[str] = set()
-            if vec_hashes:
-                embedded = self._build_vectors([todo[h] for h in todo if h in vec_hashes], batch, rebuild,
-                                               emb_hashes, report, bar)
-            rest = [todo[h] for h in todo if h in emb_hashes and h not in embedded]
-            for i in range(0, len(rest), 64):
-                chunk = rest[i : i + 64]
+            bar.update(len(failed) if rank == 0 else 0)
+            if groups:
+                self._build_vectors(groups, layers, rebuild, emb_hashes, report, bar)
+            for chunk in chunks:
                 self._write(chunk, {}, self._embed(chunk), rebuild)
                 report.embedded += len(chunk)
                 bar.update(sum(1 for p in chunk if p.hash not in vec_hashes))
         finally:
             bar.close()
-        report.seconds = time.perf_counter() - start
-        return report
 
-    def _build_vectors(self, pairs: list[PairText], batch: int, rebuild: bool, emb_hashes: set[str],
-                       report: BuildReport, bar) -> set[str]:
-        """Prefill ``pairs``; embed those of them in ``emb_hashes`` alongside. Returns the hashes embedded."""
+    def _build_vectors(self, groups: list[list[PairTokens]], layers: list[int], rebuild: bool, emb_hashes: set[str],
+                       report: BuildReport, bar) -> None:
+        """Prefill each batch of ``groups``; embed those of its pairs in ``emb_hashes`` alongside."""
         lm = self.lm()
-        layers = resolve_layers(self.config.build.layers, lm.num_layers)
-        self._ensure_model_row(lm, layers)
-        seqs = []
-        for pair in pairs:
-            seq = pair_sequence(lm, pair)
-            if len(seq.ids) > min(self.config.build.max_tokens, lm.max_positions):
-                report.failed += 1
-                report.failures.append({"hash": pair.hash, "reason": f"{len(seq.ids)} tokens, over build.max_tokens"})
-                bar.update(1)
-                continue
-            seqs.append(seq)
-        seqs.sort(key=lambda s: len(s.ids))  # similar lengths together: little padding
         t0 = time.perf_counter()
-        embedded: set[str] = set()
-        for i in range(0, len(seqs), batch):
-            group = seqs[i : i + batch]
+        for group in groups:
             tensors = prefill_batch(lm, group, layers)
             vectors = {s.pair.hash: (s, t) for s, t in zip(group, tensors)}
             to_embed = [s.pair for s in group if s.pair.hash in emb_hashes]
@@ -235,11 +264,9 @@ class Builder:
             self._write([s.pair for s in group], vectors, embeddings, rebuild, layers)
             report.built += len(group)
             report.embedded += len(embeddings)
-            embedded.update(embeddings)
             report.tokens += sum(len(s.ids) for s in group)
             bar.update(len(group))
             bar.set_postfix_str(f"{report.tokens / (time.perf_counter() - t0):.0f} tok/s", refresh=False)
-        return embedded
 
     def _embed(self, pairs: list[PairText]) -> dict[str, dict[str, np.ndarray]]:
         embedder = self.embedder()
@@ -295,7 +322,21 @@ class Builder:
                 self.store.bump_revision(session)
 
 
-def _progress(total: int, enabled: bool):
+def _combine(report: BuildReport) -> BuildReport:
+    """The report of all ranks: counts summed, seconds the slowest rank's (the wall time of the whole build),
+    failures gathered in rank order."""
+    own = {"built": report.built, "embedded": report.embedded, "tokens": report.tokens,
+           "seconds": round(report.seconds, 3)}
+    report.ranks = distributed.all_gather(own)
+    counts = distributed.all_reduce_sum([report.built, report.embedded, report.skipped, report.failed,
+                                         report.tokens])
+    report.built, report.embedded, report.skipped, report.failed, report.tokens = (int(c) for c in counts)
+    report.seconds = distributed.all_reduce_max([report.seconds])[0]
+    report.failures = [f for part in distributed.all_gather(report.failures) for f in part]
+    return report
+
+
+def _progress(total: int, enabled: bool, desc: str = "build"):
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="pair", desc="build", disable=not enabled, leave=False, dynamic_ncols=True)
+    return tqdm(total=total, unit="pair", desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)

@@ -274,16 +274,23 @@ def _domain_arg(domain: str | None) -> str | None:
 @click.pass_context
 def build(ctx, domain, batch_size, rebuild, as_json) -> None:
     """Prefill pairs that lack vectors for the current model; embed them for retrieval; refresh the index."""
+    from kvdb import distributed
     from kvdb.build import Builder
     from kvdb.retrieve import Retriever
 
     rt = _rt(ctx)
-    builder = Builder(rt.config, rt.home, rt.store)
-    report = builder.run(domain=_domain_arg(domain), batch_size=batch_size, rebuild=rebuild,
-                         progress=_show_progress(as_json), shard=_shard())
-    retriever = Retriever(rt.config, rt.home, rt.store, embedder=builder._embedder,
-                          model_fingerprint=builder.model_ref.fingerprint)
-    index = retriever.index()
+    with distributed.session() as me:
+        _rank_device(rt, me)
+        with distributed.main_first():  # under torchrun: rank 0 converts and hashes the models, the others reuse
+            builder = Builder(rt.config, rt.home, rt.store)
+            _materialise(rt, me)
+        report = builder.run(domain=_domain_arg(domain), batch_size=batch_size, rebuild=rebuild,
+                             progress=_show_progress(as_json), shard=(me.rank, me.world))
+        if not me.is_main:
+            return  # rank 0 alone rebuilds the index and reports, for every rank (the report is their sum)
+        retriever = Retriever(rt.config, rt.home, rt.store, embedder=builder._embedder,
+                              model_fingerprint=builder.model_ref.fingerprint)
+        index = retriever.index()
     result = {**report.as_dict(), "indexed_pairs": index.meta.get("pairs", 0)}
     if as_json:
         emit_json(result)
@@ -291,13 +298,32 @@ def build(ctx, domain, batch_size, rebuild, as_json) -> None:
     for failure in report.failures[:10]:
         click.echo(f"failed {failure['hash'][:12]}: {failure['reason']}", err=True)
     rate = f", {result['tokens_per_second']:.0f} tokens/s" if report.tokens else ""
+    ranks = f" on {me.world} ranks" if report.ranks else ""
     click.echo(f"built {report.built}, skipped {report.skipped} already built, failed {report.failed}"
-               f" ({report.tokens} tokens in {report.seconds:.1f}s{rate}); index covers {result['indexed_pairs']} pairs")
+               f" ({report.tokens} tokens in {report.seconds:.1f}s{rate}{ranks}); index covers "
+               f"{result['indexed_pairs']} pairs")
 
 
-def _shard() -> tuple[int, int]:
-    """(rank, world) under torchrun; (0, 1) otherwise."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+def _materialise(rt: Runtime, me) -> None:
+    """Under torchrun, the model converted and the model and embedder hashed (into the home's caches) once, by the
+    rank that runs first; alone, nothing (the library does it when it needs the model)."""
+    from kvdb.embed import resolve_embedder
+    from kvdb.lm import materialise
+
+    if me.distributed:
+        ref = materialise(rt.config.model, rt.home)
+        resolve_embedder(rt.config.embedder, rt.home, ref.fingerprint)
+
+
+def _rank_device(rt: Runtime, me) -> None:
+    """Under torchrun each rank takes its own GPU (cuda:LOCAL_RANK) when the config leaves the device to kvdb."""
+    import dataclasses
+
+    from kvdb.distributed import device_for
+
+    if me.distributed:
+        model = dataclasses.replace(rt.config.model, device=device_for(me, rt.config.model.device))
+        rt.config = dataclasses.replace(rt.config, model=model)
 
 
 def _read_queries(path: str) -> list[str]:
@@ -568,8 +594,16 @@ def train(ctx, epochs, batch_size, lr, resume, cache, out, eval_only, variants, 
     if variants is not None:
         rt.config = dataclasses.replace(rt.config, training=dataclasses.replace(rt.config.training,
                                                                                 use_variants=variants))
-    result = run_training(rt, epochs=epochs, batch_size=batch_size, lr=lr, resume=resume, cache=cache, out=out,
-                          eval_only=eval_only, progress=_show_progress(as_json))
+    from kvdb import distributed
+
+    with distributed.session() as me:
+        _rank_device(rt, me)
+        with distributed.main_first():
+            _materialise(rt, me)
+        result = run_training(rt, epochs=epochs, batch_size=batch_size, lr=lr, resume=resume, cache=cache, out=out,
+                              eval_only=eval_only, progress=_show_progress(as_json))
+    if not me.is_main:
+        return  # rank 0 reports for all (every rank computed the same metrics)
     if as_json:
         emit_json(result)
         return
@@ -583,7 +617,8 @@ def _train_summary(r: dict[str, Any]) -> str:
              f"{data.get('heldout_examples', '?')} held-out questions; base answers recorded {data.get('recorded', 0)}, "
              f"reused {data.get('reused', 0)}"]
     if "epochs_run" in r:
-        lines.append(f"trained {r['epochs_run']} epoch(s) to epoch {r['epoch']} in {r['seconds']:.0f}s "
+        ranks = f" on {r['ranks']} ranks" if r.get("ranks") else ""
+        lines.append(f"trained {r['epochs_run']} epoch(s) to epoch {r['epoch']}{ranks} in {r['seconds']:.0f}s "
                      f"(data {r.get('seconds_data', 0):.0f}s); train loss {r.get('train_loss')}")
     else:
         lines.append(f"evaluated {r.get('checkpoint') or 'the untrained draft'} (epoch {r.get('epoch', 0)})")

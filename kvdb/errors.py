@@ -55,3 +55,7 @@ class IndexCorruptError(CorruptError):
 
 class ForeignFileError(KvdbError):
     """A .pth file is not a kvdb cache/checkpoint, or was made for another base model or draft shape."""
+
+
+class DistributedError(KvdbError):
+    """Under torchrun, another rank stopped (its own error says why) or the ranks could not reach each other."""

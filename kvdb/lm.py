@@ -53,6 +53,14 @@ def select_dtype(preference: str, device: torch.device) -> torch.dtype:
     return _DTYPES[preference]
 
 
+def materialise(cfg: ModelConfig, home: Home) -> ModelRef:
+    """Resolve the model and convert an embedded GGUF if that was not done yet; returns its reference."""
+    ref = resolve_model(cfg, home)
+    if ref.kind == "gguf" and not Path(ref.load_path).is_dir():
+        _convert_gguf(ref)
+    return ref
+
+
 def _convert_gguf(ref: ModelRef) -> None:
     """Dequantize the GGUF once and save a plain safetensors copy (a GGUF-loaded model refuses save_pretrained)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

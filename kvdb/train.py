@@ -41,6 +41,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from kvdb import distributed
 from kvdb.config import Config, DraftConfig
 from kvdb.draft import (
     DraftCache,
@@ -975,14 +976,16 @@ def evaluate(draft: DraftModel, examples: Sequence[Example], knowledge: dict[str
     simulated acceptance of longer drafts (deeper unrolled steps)."""
     was = draft.training
     draft.eval()
-    matches, losses = [], []
-    for e in examples:
-        m, _, loss = match_vectors(draft, e, knowledge, use_knowledge, full_vocab, steps, use_features)
-        matches.append(m)
-        if loss is not None:
-            losses.append(loss)
+    me = distributed.current()
+    # Under torchrun each rank measures every world-th example; the results are gathered back into their order, so
+    # every rank computes the same summary, equal to one process measuring them all.
+    mine = []
+    for i in range(me.rank, len(examples), me.world):
+        m, _, loss = match_vectors(draft, examples[i], knowledge, use_knowledge, full_vocab, steps, use_features)
+        mine.append((i, m, loss))
     draft.train(was)
-    return summarise(matches, losses)
+    results = sorted((r for part in distributed.all_gather(mine) for r in part), key=lambda r: r[0])
+    return summarise([m for _, m, _ in results], [loss for _, _, loss in results if loss is not None])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1007,37 +1010,104 @@ def _optimizer(draft: DraftModel, lr: float, knowledge_lr: float) -> torch.optim
     return torch.optim.AdamW(groups, betas=(0.9, 0.95))
 
 
+def batch_loss(draft: DraftModel, batch: Sequence[Example], knowledge: dict[str, PairKnowledge], vocab: torch.Tensor,
+               index: torch.Tensor, use_knowledge: bool = True, steps: int = 1,
+               feature_weight: float = 0.0) -> torch.Tensor:
+    """The training loss of one batch: token cross-entropy of every unrolled step, plus the weighted feature loss."""
+    outs, z0, target = draft_outputs(draft, batch, knowledge, vocab, index, use_knowledge, steps)
+    losses = []
+    for o in outs:
+        ok = o.labels >= 0
+        if ok.any():
+            losses.append(F.cross_entropy(o.logits[ok], o.labels[ok]))
+    loss = torch.stack(losses).mean()
+    if feature_weight and z0 is not None:
+        loss = loss + feature_weight * F.smooth_l1_loss(z0.float(), target.float())
+    return loss
+
+
+class BatchLoss(torch.nn.Module):
+    """:func:`batch_loss` as a module's forward, for DistributedDataParallel.
+
+    The draft has no single forward that training runs (``draft_outputs`` calls its trunk, fusion, knowledge module
+    and head separately), and DDP reduces gradients only for work done inside its own ``forward`` call; so DDP wraps
+    this module, whose forward is the whole loss and returns a plain tensor (what DDP's graph walk needs). The draft is
+    its only submodule and is saved as itself, so checkpoint keys carry no ``module.`` prefix."""
+
+    def __init__(self, draft: DraftModel):
+        super().__init__()
+        self.draft = draft
+
+    def forward(self, batch, knowledge, vocab, index, use_knowledge, steps, feature_weight):
+        loss = batch_loss(self.draft, batch, knowledge, vocab, index, use_knowledge, steps, feature_weight)
+        # Every trained parameter takes part in every step (adding 0 leaves the gradients as they are): DDP waits for
+        # a gradient of each one, and a batch that skips a module (e.g. examples without knowledge) would stall it.
+        return loss + 0.0 * sum(p.sum() for p in self.draft.trainable_parameters())
+
+
+def ddp_wrap(draft: DraftModel):
+    """The draft's loss under DistributedDataParallel (gloo on CPU, NCCL on GPUs; rank 0's weights broadcast)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    # No buffer sync per forward: the only buffer (the static vocabulary) never changes after construction.
+    return DistributedDataParallel(BatchLoss(draft), device_ids=None, forward_sync_buffers=False)
+
+
+def rank_batches(n: int, batch_size: int, seed: int, rank: int = 0,
+                 world: int = 1) -> list[tuple[list[int], float]]:
+    """This rank's share of each batch of one epoch, and the weight of its loss.
+
+    The epoch's order and batches are the single-process ones (shuffled by ``seed``, cut every ``batch_size``), so
+    the optimiser takes the same steps with the same global batch; rank r takes every world-th example of each batch.
+    DDP averages the ranks' gradients, so a rank's mean loss is weighted by world * (its examples) / (batch size):
+    the average is then the gradient of the example-weighted mean. A rank left without examples (a last batch smaller
+    than the world) still runs one with weight 0: every rank must take part in every gradient all-reduce."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    out = []
+    for i in range(0, n, batch_size):
+        full = order[i : i + batch_size]
+        part = full[rank::world]
+        out.append((part, world * len(part) / len(full)) if part else (full[:1], 0.0))
+    return out
+
+
 def train_epoch(draft: DraftModel, optimizer, examples: Sequence[Example], knowledge: dict[str, PairKnowledge],
                 vocab: torch.Tensor, batch_size: int, seed: int, feature_weight: float = 0.0, bar=None,
-                use_knowledge: bool = True, steps: int = 1) -> float:
+                use_knowledge: bool = True, steps: int = 1, ddp=None) -> float:
     """One pass over ``examples``; returns the mean loss (token cross-entropy of every unrolled step, plus the
-    weighted feature loss)."""
+    weighted feature loss). With ``ddp`` (from :func:`ddp_wrap`, under torchrun) each rank runs its share of every
+    batch and the returned loss is the mean over all ranks' examples."""
     draft.train()
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
+    me = distributed.current() if ddp is not None else distributed.Rank()
     index = draft.vocab_index(vocab)
     total, count = 0.0, 0
     params = draft.trainable_parameters()
-    for i in range(0, len(order), batch_size):
-        batch = [examples[j] for j in order[i : i + batch_size]]
-        outs, z0, target = draft_outputs(draft, batch, knowledge, vocab, index, use_knowledge, steps)
-        losses = []
-        for o in outs:
-            ok = o.labels >= 0
-            if ok.any():
-                losses.append(F.cross_entropy(o.logits[ok], o.labels[ok]))
-        loss = torch.stack(losses).mean()
-        if feature_weight and z0 is not None:
-            loss = loss + feature_weight * F.smooth_l1_loss(z0.float(), target.float())
+    for part, weight in rank_batches(len(examples), batch_size, seed, me.rank, me.world):
+        batch = [examples[j] for j in part]
+        if ddp is None:
+            loss = batch_loss(draft, batch, knowledge, vocab, index, use_knowledge, steps, feature_weight)
+            scaled = loss
+        else:
+            loss = ddp(batch, knowledge, vocab, index, use_knowledge, steps, feature_weight)
+            scaled = loss * weight
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if ddp is None:
+            scaled.backward()
+        else:
+            with distributed.collective("the gradient all-reduce"):
+                scaled.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        total += loss.item() * len(batch)
-        count += len(batch)
+        n = len(batch) if weight else 0
+        total += loss.item() * n
+        count += n
         if bar is not None:
-            bar.update(len(batch))
-            bar.set_postfix_str(f"loss {total / count:.3f}", refresh=False)
+            done = round(len(batch) * me.world / weight) if weight and me.world > 1 else n
+            bar.update(done)
+            bar.set_postfix_str(f"loss {total / max(count, 1):.3f}", refresh=False)
+    if ddp is not None:
+        total, count = distributed.all_reduce_sum([total, count])
     return total / max(count, 1)
 
 
@@ -1153,7 +1223,12 @@ def train(runtime, epochs: int | None = None, batch_size: int | None = None, lr:
         payload, ckpt_path = found
         dcfg = draft_config_from(payload)
 
-    data = prepare(runtime, lm, dcfg, cache=cache, references_for=references_for, progress=progress)
+    # Under torchrun rank 0 computes (and stores) the base model's answers while the others wait; they then prepare
+    # the same data from what it stored, computing no answer twice.
+    me = distributed.current()
+    with distributed.main_first():
+        data = prepare(runtime, lm, dcfg, cache=cache, references_for=references_for,
+                       progress=progress and me.is_main)
     t_data = time.perf_counter()
 
     # The draft vocabulary: frequent ids + every token of the training data (prompts, answers, knowledge).
@@ -1183,7 +1258,7 @@ def train(runtime, epochs: int | None = None, batch_size: int | None = None, lr:
     needed = list(eval_set) if eval_only else data.train + data.heldout
     frozen_states(draft, needed)
     if dcfg.use_base_features:
-        data.info["features_computed"] = teacher_features(lm, needed, progress=progress)
+        data.info["features_computed"] = teacher_features(lm, needed, progress=progress and me.is_main)
     t_states = time.perf_counter()
 
     # The untrained early exit: fresh copies of the same layers (so the inputs computed above fit), full head.
@@ -1224,18 +1299,21 @@ def train(runtime, epochs: int | None = None, batch_size: int | None = None, lr:
     log = {"format": "kvdb.train_log", "base_model": lm.describe(), "draft_config": dataclasses.asdict(dcfg),
            "training": {"batch_size": batch_size, "lr": lr, **dataclasses.asdict(tcfg)}, "data": data.info,
            "eval_set": eval_name, "untrained_early_exit": baseline, "epochs": history}
+    if me.distributed:
+        log["training"]["ranks"] = result["ranks"] = me.world
     checkpoints: list[str] = []
     log_path = plot_path = None
     total_steps = len(data.train) * planned
-    bar = tqdm(total=total_steps, unit="ex", desc="train", disable=not progress or total_steps == 0,
+    bar = tqdm(total=total_steps, unit="ex", desc="train", disable=not progress or total_steps == 0 or not me.is_main,
                dynamic_ncols=True)
+    ddp = ddp_wrap(draft) if me.distributed else None
     try:
         for epoch in range(start_epoch + 1, end_epoch + 1):
             t0 = time.perf_counter()
             bar.set_description(f"epoch {epoch}/{end_epoch}")
             loss = train_epoch(draft, optimizer, data.train, data.knowledge, train_vocab, batch_size,
                                seed=tcfg.seed + epoch, feature_weight=tcfg.feature_loss_weight, bar=bar,
-                               steps=steps)
+                               steps=steps, ddp=ddp)
             train_seconds = time.perf_counter() - t0
             held = evaluate(draft, eval_set, data.knowledge, steps=steps)
             record = {"epoch": epoch, "train_loss": round(loss, 4), "heldout": held,
@@ -1248,27 +1326,32 @@ def train(runtime, epochs: int | None = None, batch_size: int | None = None, lr:
                              "prompt_format": PROMPT_FORMAT, "data": data.info}
             state = optimizer.state_dict()
             metrics = {"train_loss": record["train_loss"], "heldout": held, "untrained_early_exit": baseline}
+            # Every rank keeps the same bookkeeping (the metric is the same on all); rank 0 alone writes files.
             if improved:
                 best_metric = held["top1_agreement"]
                 superseded = best_path if best_path in checkpoints else None
                 best_path = str(out / f"best_draft_model_epoch{epoch}.pth")
                 training_info.update(best_metric=best_metric, best_path=best_path)
-                save_checkpoint(Path(best_path), draft, epoch=epoch, metrics=metrics, optimizer_state=state,
-                                training=training_info, history=history)
+                if me.is_main:
+                    save_checkpoint(Path(best_path), draft, epoch=epoch, metrics=metrics, optimizer_state=state,
+                                    training=training_info, history=history)
                 checkpoints.append(best_path)
                 if superseded:  # this run's previous best (~60 MB for SmolLM2): the new one replaces it
-                    Path(superseded).unlink(missing_ok=True)
+                    if me.is_main:
+                        Path(superseded).unlink(missing_ok=True)
                     checkpoints.remove(superseded)
             if tcfg.save_every > 0 and epoch % tcfg.save_every == 0:
                 path = out / f"draft_model_epoch{epoch}.pth"
-                save_checkpoint(path, draft, epoch=epoch, metrics=metrics, optimizer_state=state,
-                                training=training_info, history=history)
+                if me.is_main:
+                    save_checkpoint(path, draft, epoch=epoch, metrics=metrics, optimizer_state=state,
+                                    training=training_info, history=history)
                 checkpoints.append(str(path))
-            save_checkpoint(out / LAST_FILE, draft, epoch=epoch, metrics=metrics, optimizer_state=state,
-                            training=training_info, history=history)
             log["epochs"] = history
-            log_path = _write_log(out, log)
-            plot_path = _plot(out, history, baseline)
+            if me.is_main:
+                save_checkpoint(out / LAST_FILE, draft, epoch=epoch, metrics=metrics, optimizer_state=state,
+                                training=training_info, history=history)
+                log_path = _write_log(out, log)
+                plot_path = _plot(out, history, baseline)
             bar.set_postfix_str(f"loss {loss:.3f} agree {held['top1_agreement']:.3f}", refresh=True)
     finally:
         bar.close()
