@@ -274,11 +274,18 @@ def _domain_arg(domain: str | None) -> str | None:
 @click.pass_context
 def build(ctx, domain, batch_size, rebuild, as_json) -> None:
     """Prefill pairs that lack vectors for the current model; embed them for retrieval; refresh the index."""
+    rt = _rt(ctx)
+    if not rebuild and os.environ.get("WORLD_SIZE", "1") == "1":
+        from kvdb.uptodate import nothing_to_build
+
+        result = nothing_to_build(rt, _domain_arg(domain))  # store queries only: torch is not even imported
+        if result is not None:
+            _print_build(result, as_json)
+            return
     from kvdb import distributed
     from kvdb.build import Builder
     from kvdb.retrieve import Retriever
 
-    rt = _rt(ctx)
     with distributed.session() as me:
         _rank_device(rt, me)
         with distributed.main_first():  # under torchrun: rank 0 converts and hashes the models, the others reuse
@@ -291,23 +298,26 @@ def build(ctx, domain, batch_size, rebuild, as_json) -> None:
         retriever = Retriever(rt.config, rt.home, rt.store, embedder=builder._embedder,
                               model_fingerprint=builder.model_ref.fingerprint)
         index = retriever.index()
-    result = {**report.as_dict(), "indexed_pairs": index.meta.get("pairs", 0)}
+    _print_build({**report.as_dict(), "indexed_pairs": index.meta.get("pairs", 0)}, as_json)
+
+
+def _print_build(result: dict[str, Any], as_json: bool) -> None:
     if as_json:
         emit_json(result)
         return
-    for failure in report.failures[:10]:
+    for failure in result["failures"][:10]:
         click.echo(f"failed {failure['hash'][:12]}: {failure['reason']}", err=True)
-    rate = f", {result['tokens_per_second']:.0f} tokens/s" if report.tokens else ""
-    ranks = f" on {me.world} ranks" if report.ranks else ""
-    click.echo(f"built {report.built}, skipped {report.skipped} already built, failed {report.failed}"
-               f" ({report.tokens} tokens in {report.seconds:.1f}s{rate}{ranks}); index covers "
+    rate = f", {result['tokens_per_second']:.0f} tokens/s" if result["tokens"] else ""
+    ranks = f" on {len(result['ranks'])} ranks" if result.get("ranks") else ""
+    click.echo(f"built {result['built']}, skipped {result['skipped']} already built, failed {result['failed']}"
+               f" ({result['tokens']} tokens in {result['seconds']:.1f}s{rate}{ranks}); index covers "
                f"{result['indexed_pairs']} pairs")
 
 
 def _materialise(rt: Runtime, me) -> None:
     """Under torchrun, the model converted and the model and embedder hashed (into the home's caches) once, by the
     rank that runs first; alone, nothing (the library does it when it needs the model)."""
-    from kvdb.embed import resolve_embedder
+    from kvdb.identity import resolve_embedder
     from kvdb.lm import materialise
 
     if me.distributed:

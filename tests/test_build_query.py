@@ -7,6 +7,7 @@ import os
 import pickle
 import shutil
 import sqlite3
+import subprocess
 import sys
 from pathlib import Path
 
@@ -357,3 +358,21 @@ def test_released_pages_of_a_cache_read_back_intact(tmp_path):
     assert release_pages(loaded, 0, 3) >= 3 * 4096  # each 20 KiB tensor spans whole pages
     for mine, back in zip(vectors, loaded["token_vectors"]):
         assert torch.equal(mine["layer_1"], back["layer_1"])
+
+
+def test_noop_build_does_not_import_torch(kvb: Kvdb, tiny_config):
+    """Nothing to build is answered from the store and the index description alone; a missing index still is built."""
+    script = ("import json, sys\nfrom kvdb.cli import cli\n"
+              "cli.main(sys.argv[1:], prog_name='kvdb', standalone_mode=False)\n"
+              "print(json.dumps(sorted(m for m in ('torch', 'transformers', 'faiss') if m in sys.modules)))\n")
+    args = [sys.executable, "-c", script, "--home", str(kvb.home), "--config", str(tiny_config), "build", "--json"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run(args, capture_output=True, text=True, env=env, check=True).stdout.splitlines()
+    report, heavy = json.loads("\n".join(out[:-1])), json.loads(out[-1])
+    assert report["built"] == 0 and report["skipped"] == len(PAIRS) and report["indexed_pairs"] == len(PAIRS)
+    assert heavy == []
+    for f in (kvb.home / "index").rglob("index.faiss"):
+        f.unlink()
+    out = subprocess.run(args, capture_output=True, text=True, env=env, check=True).stdout.splitlines()
+    assert json.loads("\n".join(out[:-1]))["indexed_pairs"] == len(PAIRS) and "faiss" in json.loads(out[-1])
+    assert list((kvb.home / "index").rglob("index.faiss"))  # the slow path rebuilt and saved it
