@@ -44,15 +44,28 @@ class Embedder:
     def embed(self, texts: list[str]) -> np.ndarray:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         step = self.cfg.batch_size
-        for start in range(0, len(texts), step):
-            batch = self.tokenizer(texts[start : start + step], padding=True, truncation=True,
-                                   max_length=self.cfg.max_length, return_tensors="pt").to(self.device)
+        # Batches of similar lengths: a build embeds short questions beside long answers, and padding every
+        # question to its batch's longest answer made the embedder a third of the build's time.
+        ids = self.tokenizer(texts, truncation=True, max_length=self.cfg.max_length)["input_ids"] if texts else []
+        for rows in _length_buckets(sorted(range(len(texts)), key=lambda i: len(ids[i])), ids, step):
+            batch = self.tokenizer.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt").to(self.device)
             hidden = self.model(**batch).last_hidden_state  # [B, T, D]
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
             pooled = torch.nn.functional.normalize(pooled.float(), dim=-1)
-            out[start : start + len(pooled)] = pooled.cpu().numpy()
+            out[rows] = pooled.cpu().numpy()
         return out
+
+
+def _length_buckets(order: list[int], ids: list[list[int]], step: int) -> list[list[int]]:
+    """Split texts sorted by length into batches of at most ``step`` whose padding wastes at most about a quarter."""
+    buckets: list[list[int]] = []
+    for i in order:
+        if buckets and len(buckets[-1]) < step and len(ids[i]) <= 1.25 * len(ids[buckets[-1][0]]) + 4:
+            buckets[-1].append(i)
+        else:
+            buckets.append([i])
+    return buckets
 
 
 class BaseMeanEmbedder:
