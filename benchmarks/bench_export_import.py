@@ -112,23 +112,31 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=128, help="hidden size of the stand-in model")
     parser.add_argument("--domains", type=int, default=10)
     parser.add_argument("--work", type=Path, default=None, help="folder for the homes (default: a temp folder)")
+    parser.add_argument("--reuse", type=Path, default=None,
+                        help="a work folder kept by --keep: its store and first export are reused, not remade")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (and print it) for --reuse")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
     from tests.tiny import make_model
 
-    work = Path(tempfile.mkdtemp(prefix="kvdb-bench-export-", dir=args.work))
+    work = args.reuse or Path(tempfile.mkdtemp(prefix="kvdb-bench-export-", dir=args.work))
+    config, src, dst, merged = work / "bench.yaml", work / "src", work / "dst", work / "out1" / "knowledge_cache.pth"
+    base = ["--config", str(config)]
     try:
-        model = make_model(work / "model", layers=2, hidden=args.hidden)
-        config = work / "bench.yaml"
-        config.write_text(f"model:\n  source: {model}\nbuild:\n  layers: [1, 2]\n")
-        src, dst = work / "src", work / "dst"
-        t0 = time.perf_counter()
-        stored = populate(src, config, args.pairs, args.tokens, [1, 2], args.domains, seed=0)
-        populate_s = time.perf_counter() - t0
-        base = ["--config", str(config)]
-        export_s, export_rss = run_measured(["--home", str(src), *base, "export", "--out", str(work / "out1")], work)
-        merged = work / "out1" / "knowledge_cache.pth"
+        if args.reuse:
+            for old in (dst, work / "out2"):
+                shutil.rmtree(old, ignore_errors=True)
+            args.pairs, stored, populate_s, export_s, export_rss = json.loads((work / "first.json").read_text())
+        else:
+            model = make_model(work / "model", layers=2, hidden=args.hidden)
+            config.write_text(f"model:\n  source: {model}\nbuild:\n  layers: [1, 2]\n")
+            t0 = time.perf_counter()
+            stored = populate(src, config, args.pairs, args.tokens, [1, 2], args.domains, seed=0)
+            populate_s = time.perf_counter() - t0
+            export_s, export_rss = run_measured(["--home", str(src), *base, "export", "--out", str(work / "out1")],
+                                                work)
+            (work / "first.json").write_text(json.dumps([args.pairs, stored, populate_s, export_s, export_rss]))
         import_s, import_rss = run_measured(["--home", str(dst), *base, "import", str(merged)], work)
         (work / "out2").mkdir()
         reexport_s, _ = run_measured(["--home", str(dst), *base, "export", "--domain", "all", "--out",
@@ -144,7 +152,10 @@ def main() -> None:
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         }
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep or args.reuse:
+            print(f"work folder kept: {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     if args.json:
         print(json.dumps(result))
         return

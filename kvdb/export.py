@@ -312,25 +312,57 @@ def _madvise():
     return libc.madvise
 
 
-def release_pages(obj: dict[str, Any], lo: int, hi: int, _madvise=_madvise()) -> int:
-    """Let the kernel drop the pages of pairs ``lo:hi`` of a cache opened by :func:`load_cache`, once they are read.
+def mapped_ranges(path: str | Path) -> list[tuple[int, int]]:
+    """The address ranges at which this process has ``path`` memory-mapped (Linux ``/proc/self/maps``)."""
+    target = str(Path(path).resolve())
+    ranges = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and parts[5].rstrip("\n") == target:
+                    lo, hi = parts[0].split("-")
+                    ranges.append((int(lo, 16), int(hi, 16)))
+    except OSError:
+        return []
+    return ranges
+
+
+def release_pages(obj: dict[str, Any], lo: int, hi: int, ranges: list[tuple[int, int]],
+                  _madvise=_madvise()) -> int:
+    """Let the kernel drop the pages holding pairs ``lo:hi`` of a cache opened by :func:`load_cache`, once read.
 
     The cache is memory-mapped, and a mapped page stays in the process's resident set until the mapping goes, so
     reading a large cache pair by pair would still end with the whole file resident. ``MADV_DONTNEED`` on a clean
-    file-backed page drops it (a later read would fetch it from the file again). Only whole pages inside one
-    tensor's own bytes are released, so no other pair's data is touched. Linux only; elsewhere the OS pages as it
-    sees fit. Returns the bytes released.
+    page of a file mapping drops it; touching it again reads it back from the file, so a page shared with a pair
+    not read yet costs a re-read, never data. Only pages inside ``ranges`` (the cache file's own mappings, see
+    :func:`mapped_ranges`) are released: a tensor held anywhere else is left alone. Linux only; elsewhere the OS
+    pages as it sees fit. Returns the bytes released.
     """
-    released = 0
-    if _madvise is None:
-        return released
-    for i in range(lo, min(hi, len(obj["token_vectors"]))):
-        for t in obj["token_vectors"][i].values():
+    if _madvise is None or not ranges:
+        return 0
+    spans = []
+    for i in range(lo, min(hi, len(obj["qa_pairs"]))):
+        tensors = [obj["token_ids"][i], obj["embeddings"][i], *obj["token_vectors"][i].values(),
+                   *obj["embedding_fields"][i].values()]
+        for t in tensors:
             storage = t.untyped_storage()
-            start = -(-storage.data_ptr() // _PAGE) * _PAGE  # inward: round the start up and the end down
-            end = (storage.data_ptr() + storage.nbytes()) // _PAGE * _PAGE
-            if end > start and _madvise(start, end - start, _MADV_DONTNEED) == 0:
-                released += end - start
+            ptr, size = storage.data_ptr(), storage.nbytes()
+            for first, last in ranges:
+                if first <= ptr and ptr + size <= last:
+                    spans.append((max(first, ptr // _PAGE * _PAGE), min(last, -(-(ptr + size) // _PAGE) * _PAGE)))
+                    break
+    released = 0
+    spans.sort()
+    merged: list[list[int]] = []
+    for start, end in spans:
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    for start, end in merged:
+        if _madvise(start, end - start, _MADV_DONTNEED) == 0:
+            released += end - start
     return released
 
 
@@ -356,6 +388,7 @@ def import_cache(config: Config, home: Home, store: Store, path: str | Path,
     from kvdb.store.pairs import PairInput, add_pairs, pair_hash
 
     obj = load_cache(path)
+    ranges = mapped_ranges(path)  # to release the pages of pairs already written (see release_pages)
     ref = resolve_model(config.model, home)
     emb_ref = resolve_embedder(config.embedder, home, ref.fingerprint)
     model = obj["model"]
@@ -412,7 +445,7 @@ def import_cache(config: Config, home: Home, store: Store, path: str | Path,
                 report.embeddings += 1
             if i % 256 == 255:
                 write_chunk()
-                release_pages(obj, i - 255, i + 1)
+                release_pages(obj, i - 255, i + 1, ranges)
                 if on_progress:
                     on_progress(i + 1)
         write_chunk()

@@ -344,20 +344,27 @@ def test_train_cli_then_generate_with_the_draft_stays_lossless(kvb: Kvdb, tiny_c
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="page release is Linux-only (a no-op elsewhere)")
 def test_released_pages_of_a_cache_read_back_intact(tmp_path):
-    """Import drops the mapped pages of pairs it has read; a page read again must come back from the file intact."""
-    from kvdb.export import FORMAT, VERSION, load_cache, release_pages, write_pth_streaming
+    """Import drops the mapped pages of pairs it has read; a page read again must come back from the file intact,
+    and memory that is not the cache file's mapping is never released."""
+    from kvdb.export import FORMAT, VERSION, load_cache, mapped_ranges, release_pages, write_pth_streaming
 
     gen = torch.Generator().manual_seed(0)
     vectors = [{"layer_1": torch.randn(40 + i, 256, generator=gen).half()} for i in range(3)]
+    ids = [torch.arange(5 + i) for i in range(3)]
     obj = {"format": FORMAT, "version": VERSION, "domain": "all", "model": {}, "embedder": {},
-           "qa_pairs": [{"hash": str(i)} for i in range(3)], "token_ids": [torch.arange(4)] * 3,
-           "token_vectors": vectors, "answer_starts": [1] * 3, "embeddings": [torch.zeros(2)] * 3,
-           "embedding_fields": [{"question": torch.zeros(1, 2)}] * 3}
+           "qa_pairs": [{"hash": str(i)} for i in range(3)], "token_ids": ids,
+           "token_vectors": vectors, "answer_starts": [1] * 3, "embeddings": [torch.ones(2) * i for i in range(3)],
+           "embedding_fields": [{"question": torch.ones(1, 2) * i} for i in range(3)]}
     write_pth_streaming(tmp_path / "c.pth", obj)
     loaded = load_cache(tmp_path / "c.pth")
-    assert release_pages(loaded, 0, 3) >= 3 * 4096  # each 20 KiB tensor spans whole pages
-    for mine, back in zip(vectors, loaded["token_vectors"]):
-        assert torch.equal(mine["layer_1"], back["layer_1"])
+    ranges = mapped_ranges(tmp_path / "c.pth")
+    assert ranges
+    assert release_pages(obj, 0, 3, ranges) == 0  # the in-memory originals are not in the file's mapping
+    assert release_pages(loaded, 0, 2, ranges) >= 2 * 20 * 1024  # pairs 0 and 1, vectors of 20 KiB and more
+    for i in range(3):
+        assert torch.equal(vectors[i]["layer_1"], loaded["token_vectors"][i]["layer_1"])
+        assert torch.equal(ids[i], loaded["token_ids"][i])
+        assert torch.equal(obj["embedding_fields"][i]["question"], loaded["embedding_fields"][i]["question"])
 
 
 def test_noop_build_does_not_import_torch(kvb: Kvdb, tiny_config):
