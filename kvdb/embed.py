@@ -14,7 +14,20 @@ import torch
 from kvdb.config import EmbedderConfig
 from kvdb.errors import ModelError
 from kvdb.identity import EmbedderRef
-from kvdb.lm import select_device
+from kvdb.lm import select_device, select_dtype
+
+
+def embedder_dtype(preference: str, device: torch.device) -> torch.dtype:
+    """The embedder's dtype: ``auto`` is bf16 where the hardware multiplies bf16 natively, fp32 elsewhere."""
+    if preference != "auto":
+        return select_dtype(preference, device)
+    if device.type == "cuda":
+        return torch.bfloat16
+    try:  # private but long-standing probes; any doubt means fp32
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    except AttributeError:
+        native = False
+    return torch.bfloat16 if native else torch.float32
 
 
 class Embedder:
@@ -29,9 +42,11 @@ class Embedder:
         self.ref = ref
         self.cfg = cfg
         self.device = select_device(device)
+        self.dtype = embedder_dtype(cfg.dtype, self.device)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(ref.path, local_files_only=True)
-            self.model = AutoModel.from_pretrained(ref.path, local_files_only=True).to(self.device).eval()
+            self.model = AutoModel.from_pretrained(ref.path, local_files_only=True, dtype=self.dtype)
+            self.model = self.model.to(self.device).eval()
         except Exception as exc:
             raise ModelError(f"cannot load the embedder from {ref.path}: {exc}") from None
         self.dim: int = self.model.config.hidden_size

@@ -68,3 +68,18 @@ def test_home_and_database_url(tmp_path, monkeypatch):
     assert Home.resolve().root == (tmp_path / "env").resolve()
     monkeypatch.setenv("KVDB_DATABASE_URL", "sqlite:////tmp/other.sqlite")
     assert home.database_url(Config()) == "sqlite:////tmp/other.sqlite"
+
+
+def test_embedder_dtype_choice():
+    import torch
+
+    from kvdb.embed import embedder_dtype
+    from kvdb.errors import ModelError
+
+    cpu = torch.device("cpu")
+    assert embedder_dtype("float32", cpu) == torch.float32
+    assert embedder_dtype("bf16", cpu) == torch.bfloat16
+    assert embedder_dtype("auto", torch.device("cuda")) == torch.bfloat16  # a device object needs no GPU
+    assert embedder_dtype("auto", cpu) in (torch.float32, torch.bfloat16)
+    with pytest.raises(ModelError, match="unknown dtype"):
+        embedder_dtype("int3", cpu)
