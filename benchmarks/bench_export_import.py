@@ -13,7 +13,6 @@ the first export: nothing is lost on the way.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -27,6 +26,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from kvdb.identity import sha256_file  # noqa: E402
 
 GIB = 1024 ** 3
 
@@ -97,14 +98,6 @@ def populate(home: Path, config: Path, pairs: int, tokens: int, layers: list[int
     return stored
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=100_000)
@@ -141,7 +134,7 @@ def main() -> None:
         (work / "out2").mkdir()
         reexport_s, _ = run_measured(["--home", str(dst), *base, "export", "--domain", "all", "--out",
                                       str(work / "out2")], work)
-        same = sha256(merged) == sha256(work / "out2" / "knowledge_cache.pth")
+        same = sha256_file(merged) == sha256_file(work / "out2" / "knowledge_cache.pth")
         result = {
             "pairs": args.pairs, "tokens_per_pair": args.tokens, "hidden": args.hidden, "layers": 2,
             "vector_bytes": stored, "cache_bytes": merged.stat().st_size,

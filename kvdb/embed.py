@@ -7,7 +7,6 @@ is stored with every vector: an index never mixes vectors of two embedders.
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 

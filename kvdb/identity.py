@@ -25,7 +25,7 @@ EMBEDDED_MODELS = {
 }
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -44,7 +44,7 @@ def cached_file_hash(path: Path, cache_dir: Path) -> str:
         known = {}
     if key in known:
         return known[key]
-    digest = _sha256_file(path)
+    digest = sha256_file(path)
     known[key] = digest
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
