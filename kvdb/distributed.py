@@ -166,27 +166,25 @@ def main_first() -> Iterator[None]:
         barrier()
 
 
-def all_reduce_sum(values: list[float] | list[int]) -> list[float]:
-    """Element-wise sum of ``values`` over ranks (float64 on the CPU, over gloo)."""
+def _all_reduce(values: list[float] | list[int], op: str, what: str) -> list[float]:
     import torch.distributed as dist
 
     if not _active():
         return [float(v) for v in values]
     t = torch.tensor([float(v) for v in values], dtype=torch.float64)
-    with collective("summing counts over ranks"):
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    with collective(what):
+        dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
     return t.tolist()
+
+
+def all_reduce_sum(values: list[float] | list[int]) -> list[float]:
+    """Element-wise sum of ``values`` over ranks (float64 on the CPU, over gloo)."""
+    return _all_reduce(values, "SUM", "summing counts over ranks")
 
 
 def all_reduce_max(values: list[float]) -> list[float]:
-    import torch.distributed as dist
-
-    if not _active():
-        return [float(v) for v in values]
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
-    with collective("the maximum over ranks"):
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
+    """Element-wise maximum of ``values`` over ranks."""
+    return _all_reduce(values, "MAX", "the maximum over ranks")
 
 
 def broadcast(obj: Any, src: int = 0) -> Any:
