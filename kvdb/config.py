@@ -124,6 +124,10 @@ class TrainingConfig:
     # EAGLE-style feature loss: smooth-L1 of the draft's final hidden state to the base model's, beside the token
     # loss (a weight of 0 turns it off).
     feature_loss_weight: float = 0.0
+    # Sampled answers per training question (temperature ``sample_temperature``), each labelled with the base
+    # model's greedy token after every sampled prefix: more distillation targets near the greedy path.
+    samples_per_question: int = 0
+    sample_temperature: float = 0.8
     # Batch size of the base model's greedy answers (data preparation).
     answer_batch_size: int = 16
     # Retrieve each pair's own question exactly as `kvdb query` does (re-ranking when index.rerank is on), so the

@@ -8,7 +8,9 @@ Data, in order (``prepare``):
 3. targets: the base model's greedy answer under exactly the prompt `kvdb query --generate` builds (kvdb.prompt),
    generated in batches that run each shared prefix once (``greedy_grouped``). Answers to a pair's own question are
    kept in the store (``base_answers``); the rest in a JSON file under ``KVDB_HOME/checkpoints/base_answers/``,
-   both keyed by the exact prompt ids, so a rerun computes nothing;
+   both keyed by the exact prompt ids, so a rerun computes nothing. Optionally (``training.samples_per_question``)
+   also sampled answers of the training prompts, labelled with the base model's greedy token after every sampled
+   prefix (``sample_answers``, kept in a file beside them);
 4. inputs of the trained layers: the frozen first layers run once over prompt + answer (and, for a draft with base
    features, the base model's final hidden states, captured while it generated the answers).
 
@@ -418,17 +420,35 @@ def _new_cache(model):
         return DynamicCache()
 
 
-@torch.inference_mode()
 def greedy_grouped(lm, groups: Sequence[Sequence[Sequence[int]]], max_new_tokens: int,
                    capture: bool = False) -> list[list[list[int]]] | tuple[list, list]:
     """Greedy answers (argmax every step, as ``generate(do_sample=False)``) of several groups of prompts; the
     prompts of a group share a prefix (the system turn with its references), which is run once per group.
+    With ``capture`` also the base model's final hidden states (see :func:`decode_grouped`)."""
+    got = decode_grouped(lm, groups, max_new_tokens, capture=capture)
+    return (got.answers, got.features) if capture else got.answers
+
+
+@dataclass
+class GroupedDecode:
+    answers: list[list[list[int]]]  # per group, per prompt: the generated ids
+    features: list[list[torch.Tensor]] | None = None  # per group, per prompt: [prompt + answer - 1, H] (capture)
+    labels: list[list[list[int]]] | None = None  # per group, per prompt: the argmax at every generated step
+
+
+@torch.inference_mode()
+def decode_grouped(lm, groups: Sequence[Sequence[Sequence[int]]], max_new_tokens: int, capture: bool = False,
+                   temperature: float = 0.0, generator: torch.Generator | None = None) -> GroupedDecode:
+    """Answers of several groups of prompts, greedy (``temperature`` 0) or sampled; the prompts of a group share a
+    prefix (the system turn with its references), which is run once per group.
 
     Layout of row r (a prompt of group g): ``[pad..][prefix_g][pad..][tail_r][answer..]`` with an attention mask
     that hides the pads and positions that count real tokens only, so each row computes what it would alone.
     Rows that finish are dropped from the batch as they go. Each answer ends at its first end-of-turn token.
     With ``capture`` also returns, per prompt, the base model's final hidden states (after its final norm) at
-    every position it ran: prompt + answer[:-1] (the draft's feature targets, for free).
+    every position it ran: prompt + answer[:-1] (the draft's feature targets, for free). Sampling also returns the
+    base model's argmax at every step (``labels``): its greedy choice after each sampled prefix, the draft's target
+    there.
     """
     model, dev = lm.model, lm.device
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.eos_ids[0]
@@ -473,10 +493,17 @@ def greedy_grouped(lm, groups: Sequence[Sequence[Sequence[int]]], max_new_tokens
         tail_states = caught.pop() if capture else None
         rows = torch.arange(len(tails), device=dev)  # which answer each live batch row belongs to
         answers: list[list[int]] = [[] for _ in tails]
+        labels: list[list[int]] = [[] for _ in tails]
         steps: list[list[torch.Tensor]] = [[] for _ in tails]
         last_pos = pos[:, -1]
         for step in range(max_new_tokens):
-            nxt = logits.argmax(-1)  # [B]
+            best = logits.argmax(-1)  # [B]
+            nxt = best
+            if temperature > 0:
+                probs = torch.softmax(logits.float() / temperature, dim=-1)
+                nxt = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(dev)
+                for r, t in zip(rows.tolist(), best.tolist()):
+                    labels[r].append(t)
             for r, t in zip(rows.tolist(), nxt.tolist()):
                 answers[r].append(t)
             live = ~torch.isin(nxt, eos)
@@ -497,10 +524,11 @@ def greedy_grouped(lm, groups: Sequence[Sequence[Sequence[int]]], max_new_tokens
     finally:
         if handle is not None:
             handle.remove()
-    out, feats, i = [], [], 0
+    out, feats, labs, i = [], [], [], 0
     norm = lm.decoder.norm
     for gi, (g, c) in enumerate(zip(groups, cuts)):
         out.append(answers[i : i + len(g)])
+        labs.append(labels[i : i + len(g)])
         if capture:
             group_feats = []
             for r in range(i, i + len(g)):
@@ -511,7 +539,7 @@ def greedy_grouped(lm, groups: Sequence[Sequence[Sequence[int]]], max_new_tokens
                 group_feats.append(norm(torch.cat(parts)).cpu() if dev.type != "cuda" else norm(torch.cat(parts)))
             feats.append(group_feats)
         i += len(g)
-    return (out, feats) if capture else out
+    return GroupedDecode(out, feats if capture else None, labs if temperature > 0 else None)
 
 
 def compute_answers(book: AnswerBook, requests: Sequence[AnswerRequest], batch_size: int,
@@ -551,6 +579,78 @@ def compute_answers(book: AnswerBook, requests: Sequence[AnswerRequest], batch_s
     return {"recorded": len(todo), "reused": reused}
 
 
+@dataclass
+class SampleRequest:
+    prompt: list[int]
+    index: int  # which sample of this prompt (each its own seed)
+    group: Any = None
+    output: list[int] | None = None  # the sampled ids
+    labels: list[int] | None = None  # the base model's argmax after each sampled prefix
+    features: torch.Tensor | None = None
+
+
+def sample_answers(runtime, lm, requests: Sequence[SampleRequest], temperature: float, batch_size: int,
+                   seed: int, progress: bool = False, capture: bool = False) -> dict[str, int]:
+    """Fill ``output`` and ``labels`` of every request with a sampled answer of the base model and its greedy choice
+    at each step: more distillation targets, along prefixes near the greedy ones, for the price of generating.
+
+    Kept in a JSON file under ``KVDB_HOME/checkpoints/base_answers/`` keyed by prompt, sample index, temperature and
+    length (each batch as it finishes), so a rerun samples nothing. A sample is drawn with a generator seeded by the
+    batch's first key: reruns of the same plan reproduce the file."""
+    from tqdm import tqdm
+
+    path = runtime.home.checkpoints_dir / "base_answers" / f"{lm.fingerprint[:16]}-{PROMPT_FORMAT}-samples.json"
+    try:
+        book = json.loads(path.read_text())
+        book = book if isinstance(book, dict) else {}
+    except (OSError, ValueError):
+        book = {}
+    limit = runtime.config.generation.max_new_tokens
+
+    def key(r: SampleRequest) -> str:
+        return f"{_prompt_key(r.prompt)}:{r.index}:{temperature:g}:{limit}"
+
+    todo = []
+    for r in requests:
+        entry = book.get(key(r))
+        ok = isinstance(entry, dict) and isinstance(entry.get("output"), list) and isinstance(entry.get("labels"), list)
+        if ok and len(entry["output"]) == len(entry["labels"]):
+            r.output, r.labels = entry["output"], entry["labels"]
+        else:
+            todo.append(r)
+    groups: dict[Any, list[SampleRequest]] = {}
+    for r in todo:
+        groups.setdefault((r.group if r.group is not None else id(r), r.index), []).append(r)
+    ordered = sorted(groups.values(), key=lambda g: max(len(r.prompt) for r in g))
+    bar = tqdm(total=len(todo), unit="sample", desc="base samples", disable=not progress or not todo, leave=False,
+               dynamic_ncols=True)
+    try:
+        batch: list[list[SampleRequest]] = []
+        for k, group in enumerate(ordered):
+            batch.append(group)
+            if sum(len(g) for g in batch) >= batch_size or k == len(ordered) - 1:
+                first = key(batch[0][0])
+                gen = torch.Generator().manual_seed(seed ^ int(hashlib.sha256(first.encode()).hexdigest()[:12], 16))
+                got = decode_grouped(lm, [[r.prompt for r in g] for g in batch], limit, capture=capture,
+                                     temperature=temperature, generator=gen)
+                for gi, g in enumerate(batch):
+                    for ri, r in enumerate(g):
+                        r.output, r.labels = got.answers[gi][ri], got.labels[gi][ri]
+                        if got.features is not None:
+                            r.features = got.features[gi][ri]
+                        book[key(r)] = {"output": r.output, "labels": r.labels}
+                try:
+                    atomic_write_bytes(path, json.dumps(book).encode())
+                except OSError as exc:
+                    raise StoreError(f"cannot write {path}: {exc.strerror or exc}; check that the home is "
+                                     "writable") from None
+                bar.update(sum(len(g) for g in batch))
+                batch = []
+    finally:
+        bar.close()
+    return {"sampled": len(todo), "samples_reused": len(requests) - len(todo)}
+
+
 def record_base_answers(runtime, lm, references_for: ReferencesFor | None = None, hashes: Sequence[str] | None = None,
                         batch_size: int | None = None, progress: bool = False) -> dict[str, Any]:
     """Compute and store the base model's greedy answers to the store's pairs' own questions (missing ones only),
@@ -581,9 +681,15 @@ class Example:
     kind: str  # question | variant | context | paraphrase
     refs: list[str]  # hashes of the reference pairs, in prompt order
     prompt: list[int]
-    answer: list[int]  # the base model's greedy answer (targets)
+    answer: list[int]  # the base model's greedy answer, or a sampled one (then ``labels`` are the targets)
     states: torch.Tensor | None = None  # [L, H] input of the trained layers, L = len(prompt) + len(answer) - 1
     features: torch.Tensor | None = None  # [L, H] the base model's final hidden state (normed) at each position
+    labels: list[int] | None = None  # sampled answers: the base model's greedy token after each answer prefix
+
+    @property
+    def targets(self) -> list[int]:
+        """What the draft should predict at each answer position: the base model's greedy next token."""
+        return self.labels if self.labels is not None else self.answer
 
     @property
     def ids(self) -> list[int]:
@@ -651,6 +757,9 @@ def prepare(runtime, lm, draft_cfg: DraftConfig, cache: str | os.PathLike | None
 
     cfg: Config = runtime.config
     tcfg = cfg.training
+    if tcfg.samples_per_question < 0 or (tcfg.samples_per_question and not 0 < tcfg.sample_temperature <= 10):
+        raise ValidationError("training.samples_per_question must be at least 0 and training.sample_temperature "
+                              f"in (0, 10]; got {tcfg.samples_per_question} and {tcfg.sample_temperature}")
     t0 = time.perf_counter()
     key_layer, value_layer = draft_cfg.num_sampled_layers, lm.num_layers
     if cache is not None:
@@ -681,13 +790,26 @@ def prepare(runtime, lm, draft_cfg: DraftConfig, cache: str | os.PathLike | None
         ex = Example(pair, q, kind, [x.hash for x in refs if x.hash in sources.knowledge], r.prompt, r.output,
                      features=r.features)
         (heldout if pair in heldout_pairs else train).append(ex)
+    # Sampled answers of the training prompts only: the held-out metric stays on greedy continuations of questions
+    # whose pairs were never trained on.
+    samples = [(SampleRequest(r.prompt, i, group=r.group), m) for r, m in zip(requests, meta)
+               if m[0] not in heldout_pairs for i in range(tcfg.samples_per_question)]
+    if samples:
+        counts.update(sample_answers(runtime, lm, [s for s, _ in samples], tcfg.sample_temperature,
+                                     tcfg.answer_batch_size, tcfg.seed, progress, capture=draft_cfg.use_base_features))
+        for s, (pair, q, kind, refs) in samples:
+            if s.output:
+                train.append(Example(pair, q, "sample", [x.hash for x in refs if x.hash in sources.knowledge],
+                                     s.prompt, s.output, features=s.features, labels=s.labels))
+    t_samples = time.perf_counter()
     if not train:
         raise ValidationError("no training example is left after the held-out split; add pairs or lower "
                               "training.holdout_fraction")
     info = {"pairs": len(sources.pairs), "skipped_pairs": sources.skipped, "heldout_pairs": len(heldout_pairs),
             "train_examples": len(train), "heldout_examples": len(heldout),
             "answer_tokens": sum(len(e.answer) for e in train + heldout), **counts,
-            "seconds_references": round(t_ref - t0, 2), "seconds_answers": round(t_ans - t_ref, 2)}
+            "seconds_references": round(t_ref - t0, 2), "seconds_answers": round(t_ans - t_ref, 2),
+            "seconds_samples": round(t_samples - t_ans, 2)}
     return Prepared(train, heldout, sources.knowledge, sources, info)
 
 
@@ -818,7 +940,7 @@ def draft_outputs(draft: DraftModel, batch: Sequence[Example], knowledge: dict[s
         n = len(e.answer)
         pos[i, :n] = torch.arange(e.first, e.first + n)
         valid[i, :n] = True
-        labels[i, :n] = index[torch.tensor(e.answer)]
+        labels[i, :n] = index[torch.tensor(e.targets)]
     pos, valid, labels = pos.to(dev), valid.to(dev), labels.to(dev)
     answer_index = torch.arange(width, device=dev).view(1, width).expand(b, width)
     example = torch.arange(b, device=dev).view(b, 1).expand(b, width)

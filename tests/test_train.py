@@ -258,3 +258,36 @@ def test_cli_no_variants_trains_on_own_questions_only(built, tmp_path):
     shutil.copytree(src, home)
     result = Kvdb(home, cfg).json("train", "--epochs", "1", "--no-variants")
     assert result["data"]["train_examples"] == 6 and result["epochs_run"] == 1
+
+
+def test_sampled_answers_are_labelled_with_the_greedy_choice_and_reused(built, model_dir, tmp_path):
+    """`training.samples_per_question`: sampled answers of the training prompts, each position labelled with the
+    base model's argmax after that sampled prefix (checked against a plain forward pass); held-out pairs get none;
+    a rerun reads them back instead of sampling."""
+    from kvdb.lm import load_model
+    from kvdb.train import prepare
+
+    src, _ = built
+    home = tmp_path / "home"
+    shutil.copytree(src, home)
+    rt = Runtime.open(home, write_config(tmp_path, model_dir, **{"  holdout_fraction: 0.25": "  holdout_fraction: "
+                                                                "0.25\n  samples_per_question: 2\n  sample_temperature: 1.5"}))
+    lm = load_model(rt.config.model, rt.home)
+    data = prepare(rt, lm, rt.config.draft)
+    samples = [e for e in data.train if e.kind == "sample"]
+    greedy = [e for e in data.train if e.kind != "sample"]
+    assert len(samples) == 2 * len(greedy) and data.info["sampled"] == len(samples)
+    assert not any(e.kind == "sample" for e in data.heldout)
+    # A high temperature leaves the greedy path somewhere: the labels are not simply the sampled tokens.
+    assert any(e.labels != e.answer for e in samples)
+    for e in samples[:4]:
+        with torch.inference_mode():
+            logits = lm.model(torch.tensor([e.ids])).logits[0]
+        argmax = logits[e.first : e.first + len(e.answer)].argmax(-1).tolist()
+        assert e.labels == argmax and e.targets == e.labels
+    again = prepare(rt, lm, rt.config.draft)
+    assert again.info["sampled"] == 0 and again.info["samples_reused"] == len(samples)
+    assert [e.answer for e in again.train if e.kind == "sample"] == [e.answer for e in samples]
+    # Training reads them (with the base features captured while sampling) and says how many it had.
+    result = train(rt, epochs=1, progress=False, lm=lm)
+    assert result["data"]["train_examples"] == len(data.train) and result["epochs_run"] == 1
