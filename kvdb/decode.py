@@ -289,6 +289,13 @@ class DraftPolicy:
     of its (source, key) and cut to its best k. A costly source (a learned draft) is asked only when the gain its own
     record promises beats the best cheap proposal. The best gain is verified.
 
+    The table is measured once, at one context length, on a machine that may be busy; verify passes after a long
+    prompt cost more (SmolLM2 on CPU: a 4-token pass 1.6 steps at 256 tokens of context, 1.9 at 700). So the
+    driver times every pass of this answer (``observe_pass``) and the extra cost of a pass over a plain step is
+    scaled by what was seen: ``cost(q) = 1 + (table(q) - 1) * s``, s = (W + sum of observed extra) / (W + sum of the
+    table's extra) over the passes seen, W = ``cost_prior_weight`` (the table's weight, in plain steps of extra
+    cost), once ``cost_min_plain`` plain steps give the unit.
+
     Estimates: p is the share of accepted tokens among accepted tokens and rejections, counted on top of the
     proposal's prior (``prior_weight`` pseudo-counts); evidence fades by ``decay`` per step, so a source that fell
     below the bar is tried again once its bad record has faded. Full acceptance also doubles the length cap
@@ -315,7 +322,12 @@ class DraftPolicy:
     min_gain: float = 1.1
     source_weight: float = 0.5  # share of a source's record a new key of it starts with
     source_decay: float = 0.95
+    cost_prior_weight: float = 1.5
+    cost_min_plain: int = 2
     step: int = field(default=0, init=False, repr=False)
+    _plain: list[float] = field(default_factory=list, init=False, repr=False)  # seconds of plain steps
+    _passes: list[tuple[int, float]] = field(default_factory=list, init=False, repr=False)  # (q, seconds), q > 1
+    _scale: float = field(default=1.0, init=False, repr=False)
     _by_source: dict[int, tuple[float, float, int]] = field(default_factory=dict, init=False, repr=False)
     _tracks: dict[tuple[int, Any], _Track] = field(default_factory=dict, init=False, repr=False)
     _per_token: float = field(default=1 / 24, init=False, repr=False)
@@ -333,9 +345,36 @@ class DraftPolicy:
         self._tracks = {}
         self._by_source = {}
         self._sources = list(sources)
+        self._plain, self._passes, self._scale = [], [], 1.0
+
+    def observe_pass(self, q: int, seconds: float) -> None:
+        """Record the wall time of one verify pass over ``q`` inputs (1: a plain step) of this answer."""
+        if q <= 1:
+            self._plain.append(seconds)
+        else:
+            self._passes.append((q, seconds))
+        if len(self._plain) < self.cost_min_plain or not self._passes:
+            return
+        unit = statistics.median(self._plain[-16:])
+        seen = sum(max(0.0, t / unit - 1.0) for _, t in self._passes[-16:])
+        table = sum(self._table(q) - 1.0 for q, _ in self._passes[-16:])
+        w = self.cost_prior_weight
+        self._scale = min(4.0, max(0.25, (w + seen) / (w + max(0.0, table))))
+
+    def _table(self, q: int) -> float:
+        """The table's cost of a pass over exactly q inputs (linear beyond it, or without one)."""
+        costs = self.pass_costs
+        if costs and q <= len(costs):
+            return float(costs[q - 1])
+        return self._pass_uncorrected(q)[0]
 
     def _pass(self, q: int) -> tuple[float, int]:
-        """(cost, length) of the cheapest pass that verifies q tokens (padding allowed), in plain steps."""
+        """(cost, length) of the cheapest pass that verifies q tokens (padding allowed), in plain steps, with the
+        extra over a plain step scaled by what this answer's passes cost (``observe_pass``)."""
+        cost, length = self._pass_uncorrected(q)
+        return (1.0 + (cost - 1.0) * self._scale if length > 1 else cost), length
+
+    def _pass_uncorrected(self, q: int) -> tuple[float, int]:
         costs = self.pass_costs
         if not costs or q > len(costs):
             linear = 1.0 + ((self._overhead + self._per_token * (q - 1)) if q > 1 else 0.0)
@@ -714,7 +753,9 @@ def speculative_generate(model, prompt_ids: list[int], max_new_tokens: int, eos_
             # Padding never runs past the model's positions (the cache holds prompt + output[:-1]).
             room = max_positions - (len(state.prompt_ids) + len(state.output) - 1) - (len(draft) + 1)
             pad = max(0, min(policy.pass_length(len(draft)) - 1 - len(draft), room))
-            greedy = verify(model, state, draft, tap, pad=pad)
+            t_pass = time.perf_counter()
+            greedy = verify(model, state, draft, tap, pad=pad)  # returns host ints: the pass has finished
+            policy.observe_pass(len(draft) + 1 + pad, time.perf_counter() - t_pass)
             before = len(state.output)
             n = accept(state, draft, greedy)
             policy.update(used, draft, n)

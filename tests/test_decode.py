@@ -401,6 +401,32 @@ def test_policy_pads_to_the_cheapest_measured_pass():
     assert policy.cost(2, draft_cost=0.1) == pytest.approx(1.45 + 0.2)
 
 
+def test_policy_corrects_the_table_by_the_passes_it_times():
+    """Passes of this answer that cost more than the table says (a long prompt, a busy machine) make drafts dearer,
+    so a marginal draft is no longer verified; cheaper ones make them cheaper. Nothing changes before plain steps
+    give the unit."""
+    table = [1.0, 1.2, 1.3, 1.4, 1.5]
+    policy = DraftPolicy(pass_costs=table)
+    policy.start([], torch.device("cpu"))
+    assert policy.cost(3) == pytest.approx(1.4) and policy.best_k(0.45, 4)[0] >= 1  # worth a try by the table
+    policy.observe_pass(4, 0.5)  # no plain step timed yet: no unit, no correction
+    assert policy.cost(3) == pytest.approx(1.4)
+    for _ in range(3):
+        policy.observe_pass(1, 0.1)
+    for _ in range(4):
+        policy.observe_pass(4, 0.2)  # observed extra 1.0 a pass where the table says 0.4
+    scale = (1.5 + 4.0 + 4 * 1.0) / (1.5 + 5 * 0.4)  # the first pass counts too, once the unit is known
+    assert policy.cost(3) == pytest.approx(1 + 0.4 * scale) and policy.cost(1) == pytest.approx(1 + 0.2 * scale)
+    assert policy.cost(0) == 1.0 and policy.best_k(0.45, 4) == (0, 1.0)
+    policy.start([], torch.device("cpu"))  # a new answer starts from the table again
+    assert policy.cost(3) == pytest.approx(1.4)
+    for _ in range(3):
+        policy.observe_pass(1, 0.1)
+    for _ in range(16):
+        policy.observe_pass(4, 0.1)  # as cheap as a plain step
+    assert policy.cost(3) == pytest.approx(1 + 0.4 * 0.25)  # the scale never falls below a quarter
+
+
 def test_measured_pass_costs_are_relative_to_one_token(models):
     from kvdb.decode import measure_pass_costs
 
