@@ -297,15 +297,17 @@ def main() -> None:
     finally:
         if temp is not None and not args.keep:
             shutil.rmtree(temp, ignore_errors=True)
-    report(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
+    report(results)
 
 
 def report(r: dict) -> None:
     t = r.get("train", {})
     print(f"\nthreads {r['threads']} of {r['cpus']} CPUs, load average at start {r['load_average']:.1f}")
-    if t:
+    if t and t.get("seconds_data") is None:  # --eval-only: nothing trained
+        print(f"evaluated {r.get('checkpoint')}: held-out top-1 {t['heldout_metrics']['top1_agreement']:.3f}")
+    elif t:
         d = t["data"]
         print(f"training: {t['wall_seconds']:.0f} s wall ({t['cpu_seconds']:.0f} s CPU), data preparation "
               f"{t['seconds_data']:.0f} s; {d['train_examples']} training / {d['heldout_examples']} held-out "

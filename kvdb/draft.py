@@ -331,7 +331,8 @@ class DraftModel(nn.Module):
 
     def __init__(self, lm, cfg: DraftConfig, static_vocab: torch.Tensor | None = None):
         super().__init__()
-        n, t = cfg.num_sampled_layers, cfg.trainable_layers
+        n = cfg.num_sampled_layers
+        t = n if cfg.trainable_layers is None else cfg.trainable_layers
         if not 1 <= n < lm.num_layers:
             raise ValidationError(f"draft.num_sampled_layers must be between 1 and {lm.num_layers - 1} for "
                                   f"{lm.ref.name}; got {n}")

@@ -678,7 +678,7 @@ def record_base_answers(runtime, lm, references_for: ReferencesFor | None = None
 class Example:
     pair: str  # hash of the pair the question is about
     question: str
-    kind: str  # question | variant | context | paraphrase
+    kind: str  # question | variant | context | sample | paraphrase
     refs: list[str]  # hashes of the reference pairs, in prompt order
     prompt: list[int]
     answer: list[int]  # the base model's greedy answer, or a sampled one (then ``labels`` are the targets)
@@ -1458,7 +1458,7 @@ def train(runtime, epochs: int | None = None, batch_size: int | None = None, lr:
                     save_checkpoint(Path(best_path), draft, epoch=epoch, metrics=metrics, optimizer_state=state,
                                     training=training_info, history=history)
                 checkpoints.append(best_path)
-                if superseded:  # this run's previous best (~60 MB for SmolLM2): the new one replaces it
+                if superseded:  # this run's previous best (~140 MB for SmolLM2): the new one replaces it
                     if me.is_main:
                         Path(superseded).unlink(missing_ok=True)
                     checkpoints.remove(superseded)
