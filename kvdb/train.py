@@ -35,7 +35,7 @@ import json
 import os
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -542,6 +542,22 @@ def decode_grouped(lm, groups: Sequence[Sequence[Sequence[int]]], max_new_tokens
     return GroupedDecode(out, feats if capture else None, labs if temperature > 0 else None)
 
 
+def prefix_batches(requests: Sequence[Any], group_of: Callable[[Any], Any], batch_size: int) -> Iterator[list[list]]:
+    """Requests grouped by ``group_of`` (prompts sharing their prefix), shortest prompts first, about
+    ``batch_size`` rows a batch (a group is never split)."""
+    groups: dict[Any, list] = {}
+    for r in requests:
+        groups.setdefault(group_of(r), []).append(r)
+    batch: list[list] = []
+    for group in sorted(groups.values(), key=lambda g: max(len(r.prompt) for r in g)):
+        batch.append(group)
+        if sum(len(g) for g in batch) >= batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def compute_answers(book: AnswerBook, requests: Sequence[AnswerRequest], batch_size: int,
                     progress: bool = False, capture: bool = False) -> dict[str, int]:
     """Fill ``output`` of every request: reuse recorded answers, generate the rest (grouped by shared prompt prefix,
@@ -550,30 +566,21 @@ def compute_answers(book: AnswerBook, requests: Sequence[AnswerRequest], batch_s
 
     book.lookup(requests)
     todo = [r for r in requests if r.output is None]
-    groups: dict[Any, list[AnswerRequest]] = {}
-    for r in todo:
-        groups.setdefault(r.group if r.group is not None else id(r), []).append(r)
-    ordered = sorted(groups.values(), key=lambda g: max(len(r.prompt) for r in g))
     reused = len(requests) - len(todo)
     bar = tqdm(total=len(todo), unit="answer", desc="base answers", disable=not progress or not todo, leave=False,
                dynamic_ncols=True)
     try:
-        batch: list[list[AnswerRequest]] = []
-        for k, group in enumerate(ordered):
-            batch.append(group)
-            if sum(len(g) for g in batch) >= batch_size or k == len(ordered) - 1:
-                got = greedy_grouped(book.lm, [[r.prompt for r in g] for g in batch], book.max_new_tokens,
-                                     capture=capture)
-                answers, feats = got if capture else (got, None)
-                for gi, (g, outs) in enumerate(zip(batch, answers)):
-                    for ri, (r, out) in enumerate(zip(g, outs)):
-                        r.output = out
-                        if feats is not None:
-                            r.features = feats[gi][ri]
-                done = [r for g in batch for r in g]
-                book.record(done)  # each batch is kept: an interrupted run resumes here
-                bar.update(len(done))
-                batch = []
+        for batch in prefix_batches(todo, lambda r: r.group if r.group is not None else id(r), batch_size):
+            got = decode_grouped(book.lm, [[r.prompt for r in g] for g in batch], book.max_new_tokens,
+                                 capture=capture)
+            for gi, g in enumerate(batch):
+                for ri, r in enumerate(g):
+                    r.output = got.answers[gi][ri]
+                    if got.features is not None:
+                        r.features = got.features[gi][ri]
+            done = [r for g in batch for r in g]
+            book.record(done)  # each batch is kept: an interrupted run resumes here
+            bar.update(len(done))
     finally:
         bar.close()
     return {"recorded": len(todo), "reused": reused}
@@ -618,34 +625,26 @@ def sample_answers(runtime, lm, requests: Sequence[SampleRequest], temperature: 
             r.output, r.labels = entry["output"], entry["labels"]
         else:
             todo.append(r)
-    groups: dict[Any, list[SampleRequest]] = {}
-    for r in todo:
-        groups.setdefault((r.group if r.group is not None else id(r), r.index), []).append(r)
-    ordered = sorted(groups.values(), key=lambda g: max(len(r.prompt) for r in g))
     bar = tqdm(total=len(todo), unit="sample", desc="base samples", disable=not progress or not todo, leave=False,
                dynamic_ncols=True)
     try:
-        batch: list[list[SampleRequest]] = []
-        for k, group in enumerate(ordered):
-            batch.append(group)
-            if sum(len(g) for g in batch) >= batch_size or k == len(ordered) - 1:
-                first = key(batch[0][0])
-                gen = torch.Generator().manual_seed(seed ^ int(hashlib.sha256(first.encode()).hexdigest()[:12], 16))
-                got = decode_grouped(lm, [[r.prompt for r in g] for g in batch], limit, capture=capture,
-                                     temperature=temperature, generator=gen)
-                for gi, g in enumerate(batch):
-                    for ri, r in enumerate(g):
-                        r.output, r.labels = got.answers[gi][ri], got.labels[gi][ri]
-                        if got.features is not None:
-                            r.features = got.features[gi][ri]
-                        book[key(r)] = {"output": r.output, "labels": r.labels}
-                try:
-                    atomic_write_bytes(path, json.dumps(book).encode())
-                except OSError as exc:
-                    raise StoreError(f"cannot write {path}: {exc.strerror or exc}; check that the home is "
-                                     "writable") from None
-                bar.update(sum(len(g) for g in batch))
-                batch = []
+        for batch in prefix_batches(todo, lambda r: (r.group if r.group is not None else id(r), r.index), batch_size):
+            first = key(batch[0][0])
+            gen = torch.Generator().manual_seed(seed ^ int(hashlib.sha256(first.encode()).hexdigest()[:12], 16))
+            got = decode_grouped(lm, [[r.prompt for r in g] for g in batch], limit, capture=capture,
+                                 temperature=temperature, generator=gen)
+            for gi, g in enumerate(batch):
+                for ri, r in enumerate(g):
+                    r.output, r.labels = got.answers[gi][ri], got.labels[gi][ri]
+                    if got.features is not None:
+                        r.features = got.features[gi][ri]
+                    book[key(r)] = {"output": r.output, "labels": r.labels}
+            try:
+                atomic_write_bytes(path, json.dumps(book).encode())
+            except OSError as exc:
+                raise StoreError(f"cannot write {path}: {exc.strerror or exc}; check that the home is "
+                                 "writable") from None
+            bar.update(sum(len(g) for g in batch))
     finally:
         bar.close()
     return {"sampled": len(todo), "samples_reused": len(requests) - len(todo)}

@@ -270,8 +270,8 @@ def test_sampled_answers_are_labelled_with_the_greedy_choice_and_reused(built, m
     src, _ = built
     home = tmp_path / "home"
     shutil.copytree(src, home)
-    rt = Runtime.open(home, write_config(tmp_path, model_dir, **{"  holdout_fraction: 0.25": "  holdout_fraction: "
-                                                                "0.25\n  samples_per_question: 2\n  sample_temperature: 1.5"}))
+    extra = "  holdout_fraction: 0.25\n  samples_per_question: 2\n  sample_temperature: 1.5"
+    rt = Runtime.open(home, write_config(tmp_path, model_dir, **{"  holdout_fraction: 0.25": extra}))
     lm = load_model(rt.config.model, rt.home)
     data = prepare(rt, lm, rt.config.draft)
     samples = [e for e in data.train if e.kind == "sample"]
