@@ -290,8 +290,8 @@ class DraftPolicy:
     record promises beats the best cheap proposal. The best gain is verified.
 
     The table is measured once, at one context length, on a machine that may be busy; verify passes after a long
-    prompt cost more (SmolLM2 on CPU: a 4-token pass 1.6 steps at 256 tokens of context, 1.9 at 700). So the
-    driver times every pass of this answer (``observe_pass``) and the extra cost of a pass over a plain step is
+    prompt cost more (SmolLM2 on CPU: passes of 2-10 tokens averaged 1.4-1.6 steps at 256 tokens, 1.8-1.9 at
+    700). So the driver times every pass of this answer (``observe_pass``) and the extra cost of a pass over a plain step is
     scaled by what was seen: ``cost(q) = 1 + (table(q) - 1) * s``, s = (W + sum of observed extra) / (W + sum of the
     table's extra) over the passes seen, W = ``cost_prior_weight`` (the table's weight, in plain steps of extra
     cost), once ``cost_min_plain`` plain steps give the unit.
