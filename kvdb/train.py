@@ -6,7 +6,7 @@ Data, in order (``prepare``):
    asked with the references retrieved for the pair's question (so one pair's prompts share their long prefix);
    optional extra contexts (``training.contexts_per_question``: the own pair among random others, shuffled);
 3. targets: the base model's greedy answer under exactly the prompt `kvdb query --generate` builds (kvdb.prompt),
-   generated in batches that run each shared prefix once (``greedy_grouped``). Answers to a pair's own question are
+   generated in batches that run each shared prefix once (``decode_grouped``). Answers to a pair's own question are
    kept in the store (``base_answers``); the rest in a JSON file under ``KVDB_HOME/checkpoints/base_answers/``,
    both keyed by the exact prompt ids, so a rerun computes nothing. Optionally (``training.samples_per_question``)
    also sampled answers of the training prompts, labelled with the base model's greedy token after every sampled
@@ -418,15 +418,6 @@ def _new_cache(model):
         return DynamicCache(config=model.config)
     except TypeError:
         return DynamicCache()
-
-
-def greedy_grouped(lm, groups: Sequence[Sequence[Sequence[int]]], max_new_tokens: int,
-                   capture: bool = False) -> list[list[list[int]]] | tuple[list, list]:
-    """Greedy answers (argmax every step, as ``generate(do_sample=False)``) of several groups of prompts; the
-    prompts of a group share a prefix (the system turn with its references), which is run once per group.
-    With ``capture`` also the base model's final hidden states (see :func:`decode_grouped`)."""
-    got = decode_grouped(lm, groups, max_new_tokens, capture=capture)
-    return (got.answers, got.features) if capture else got.answers
 
 
 @dataclass

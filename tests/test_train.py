@@ -227,18 +227,18 @@ def test_grouped_greedy_equals_generate(model_dir, tmp_path):
     from kvdb.config import Home, ModelConfig
     from kvdb.lm import load_model
     from kvdb.prompt import Reference, prompt_ids
-    from kvdb.train import greedy_grouped
+    from kvdb.train import decode_grouped
 
     lm = load_model(ModelConfig(source=str(model_dir)), Home(tmp_path))
     refs = [Reference("What is a cat?", "A small furry animal."), Reference("What is a dog?", "An animal that barks.")]
     groups = [[prompt_ids(lm, q, refs) for q in ("What is a cat?", "Tell me about cats, please.", "Cats?")],
               [prompt_ids(lm, "Who barks?", refs[1:])], [prompt_ids(lm, "x", [])]]
-    plain = greedy_grouped(lm, groups, 16)
+    plain = decode_grouped(lm, groups, 16).answers
     first = plain[0][0]
     lm.eos_ids = [first[3]]  # rows now stop wherever this token comes first
     for eos in ([lm.model.generation_config.eos_token_id], lm.eos_ids):
         lm.eos_ids = list(eos) if isinstance(eos, list) else [eos]
-        got = greedy_grouped(lm, groups, 16)
+        got = decode_grouped(lm, groups, 16).answers
         for group, answers in zip(groups, got):
             for prompt, answer in zip(group, answers):
                 with torch.inference_mode():
