@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvdb.build import Builder  # noqa: E402
 from kvdb.config import Home, load_config  # noqa: E402
-from kvdb.draft import DraftModel, LearnedDraftSource, load_draft  # noqa: E402
+from kvdb.draft import DraftModel, LearnedDraftSource, load_draft, load_recorded_knowledge  # noqa: E402
 from kvdb.examples import load_examples  # noqa: E402
 from kvdb.lm import load_model  # noqa: E402
 from kvdb.prompt import prompt_ids  # noqa: E402
@@ -44,8 +44,10 @@ from kvdb.train import (  # noqa: E402
     AnswerBook,
     AnswerRequest,
     Example,
+    attach_recorded,
     compute_answers,
     default_references,
+    fill_answer_states,
     frozen_states,
     knowledge_of,
     load_store_sources,
@@ -100,6 +102,10 @@ def paraphrase_examples(rt, lm, sources, limit: int, seed: int, rerank: bool | N
         ex.hit = by_question[r["source_question"]] in [x.hash for x in refs]
         out.append(ex)
     teacher_features(lm, out)  # answers recorded by an earlier run come without them
+    n = rt.config.draft.num_sampled_layers
+    fill_answer_states(rt, lm, sorted({n, lm.num_layers}))
+    recorded = load_recorded_knowledge(rt.store, lm.fingerprint, [p.hash for p in sources.pairs], n, lm.num_layers)
+    attach_recorded(out, recorded, {p.hash: p.question for p in sources.pairs})
     return out
 
 

@@ -105,23 +105,23 @@ class LayerTap:
 
 
 @torch.inference_mode()
-def prefill_batch(lm: LM, seqs: list[PairTokens], layers: list[int]) -> list[dict[str, torch.Tensor]]:
-    """One padded forward pass over ``seqs``; returns per sequence {token_ids, layer_<L>} on the CPU (fp16)."""
+def layer_states(lm: LM, seqs: list[list[int]], layers: list[int]) -> list[dict[str, torch.Tensor]]:
+    """One padded forward pass over the token lists ``seqs``; per sequence {layer_<L>: [T, H]} on the CPU (fp16)."""
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.eos_ids[0]
-    ids, mask = pad_right([s.ids for s in seqs], pad)  # [B, T] each
+    ids, mask = pad_right(seqs, pad)  # [B, T] each
     tap = LayerTap(lm, layers)
     try:
         lm.decoder(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
     finally:
         tap.close()
     states = {layer: tap.outputs[layer].to("cpu", torch.float16) for layer in layers}  # [B, T, H] each
-    out = []
-    for i, s in enumerate(seqs):
-        n = len(s.ids)
-        item = {"token_ids": torch.tensor(s.ids, dtype=torch.int32)}
-        item.update({f"layer_{layer}": states[layer][i, :n].clone() for layer in layers})
-        out.append(item)
-    return out
+    return [{f"layer_{layer}": states[layer][i, : len(s)].clone() for layer in layers} for i, s in enumerate(seqs)]
+
+
+def prefill_batch(lm: LM, seqs: list[PairTokens], layers: list[int]) -> list[dict[str, torch.Tensor]]:
+    """One padded forward pass over ``seqs``; returns per sequence {token_ids, layer_<L>} on the CPU (fp16)."""
+    states = layer_states(lm, [s.ids for s in seqs], layers)
+    return [{"token_ids": torch.tensor(s.ids, dtype=torch.int32), **st} for s, st in zip(seqs, states)]
 
 
 def _texts_for_embedding(pair: PairText) -> dict[str, list[str]]:

@@ -102,6 +102,12 @@ class DraftConfig:
     # engine passes those of verified tokens). Off by default: on the default set (SmolLM2, 168 training answers)
     # it moved held-out top-1 by +0.01..0.02 while costing unrolled training steps and a feature tap in decoding.
     use_base_features: bool = False
+    # Also attend to the base model's own recorded answer to the top retrieved pair's question (its layer-n and
+    # last-layer states over that answer, kept with the recording in ``base_answers``): a paraphrase is answered
+    # much as the stored question was, in the base model's words rather than the reference's. Measured on the
+    # default set (SmolLM2, 3 layers, 5 epochs, same data): held-out top-1 0.353 -> 0.407; on 60 paraphrases never
+    # trained on (benchmarks/bench_draft.py --eval-only) 0.361 -> 0.400. Costs ~23 s of training data preparation.
+    recorded_knowledge: bool = True
 
 
 @dataclass(frozen=True)

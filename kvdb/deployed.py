@@ -78,7 +78,7 @@ class CacheKnowledge:
         return []  # a cache carries no recorded answers
 
     def pair_knowledge(self, draft, hashes: list[str]):
-        from kvdb.draft import Knowledge, PairKnowledge
+        from kvdb.draft import PairKnowledge, knowledge_for
 
         pairs = []
         for h in hashes:
@@ -88,4 +88,4 @@ class CacheKnowledge:
             tensors = {**self.cache["token_vectors"][i], "token_ids": self.cache["token_ids"][i]}
             pairs.append(PairKnowledge.from_vectors(h, tensors, int(self.cache["answer_starts"][i]),
                                                     draft.key_layer, draft.value_layer))
-        return Knowledge.from_pairs(pairs, draft.cfg.max_knowledge_tokens, draft.hidden_size)
+        return knowledge_for(draft, pairs, None)  # a cache carries no recorded answers

@@ -82,6 +82,20 @@ class PairKnowledge:
         return cls(pair_hash, keys[start : total - 1].to(torch.float16), values[start : total - 1].to(torch.float16),
                    ids[start + 1 : total].clone())
 
+    @classmethod
+    def from_answer(cls, pair_hash: str, tensors: dict[str, torch.Tensor], key_layer: int,
+                    value_layer: int) -> "PairKnowledge | None":
+        """Slots of the base model's recorded answer to the pair's question (``answer_states``: one row per answer
+        token, the state that predicted it); None when the recording carries no states of these layers."""
+        names = (f"layer_{key_layer}", f"layer_{value_layer}")
+        ids = tensors.get("output_ids")
+        if ids is None or any(n not in tensors for n in names):
+            return None
+        keys, values = tensors[names[0]], tensors[names[1]]
+        if not (keys.shape[0] == values.shape[0] == ids.shape[0]) or ids.shape[0] == 0:
+            return None
+        return cls(f"answer:{pair_hash}", keys.to(torch.float16), values.to(torch.float16), ids.long().clone())
+
     @property
     def size(self) -> int:
         return int(self.next_ids.shape[0])
@@ -146,10 +160,50 @@ def load_pair_knowledge(store, fingerprint: str, hashes: Sequence[str], key_laye
     return out
 
 
+def load_recorded_knowledge(store, fingerprint: str, hashes: Sequence[str], key_layer: int,
+                            value_layer: int) -> dict[str, PairKnowledge]:
+    """Slots of the base model's recorded answers to the pairs ``hashes`` (current prompt format); recordings
+    without states, or damaged ones, are left out (they only cost the draft some accuracy)."""
+    from sqlalchemy import select
+
+    from kvdb.prompt import PROMPT_FORMAT
+    from kvdb.store.blobs import unpack
+    from kvdb.store.models import BaseAnswer
+
+    out: dict[str, PairKnowledge] = {}
+    hashes = list(hashes)
+    if not hashes:
+        return out
+    with store.read() as session:
+        for row in session.scalars(select(BaseAnswer).where(
+                BaseAnswer.fingerprint == fingerprint, BaseAnswer.prompt_format == PROMPT_FORMAT,
+                BaseAnswer.pair_hash.in_(hashes))):
+            try:
+                tensors = unpack(row.data, row.checksum, f"base answer of pair {row.pair_hash[:12]}")
+            except CorruptError:
+                continue
+            got = PairKnowledge.from_answer(row.pair_hash, tensors, key_layer, value_layer)
+            if got is not None:
+                out[row.pair_hash] = got
+    return out
+
+
+def knowledge_for(draft: "DraftModel", refs: Sequence[PairKnowledge], recorded: PairKnowledge | None) -> Knowledge:
+    """What the draft attends to: the recorded answer to the top pair's question first (when the draft was trained
+    with it), then the retrieved pairs' stored vectors, in retrieval order, cut at ``max_knowledge_tokens``."""
+    first = [recorded] if recorded is not None and draft.cfg.recorded_knowledge else []
+    return Knowledge.from_pairs(first + list(refs), draft.cfg.max_knowledge_tokens, draft.hidden_size)
+
+
 def load_knowledge(store, draft: "DraftModel", hashes: Sequence[str]) -> Knowledge:
-    """The knowledge a draft attends to for one query: the stored vectors of the retrieved pairs ``hashes``."""
+    """The knowledge a draft attends to for one query: the stored vectors of the retrieved pairs ``hashes`` and,
+    for a draft trained with it, the recorded answer to the top pair's question."""
     pairs = load_pair_knowledge(store, draft.fingerprint, hashes, draft.key_layer, draft.value_layer)
-    return Knowledge.from_pairs(pairs, draft.cfg.max_knowledge_tokens, draft.hidden_size)
+    recorded = None
+    if draft.cfg.recorded_knowledge and hashes:
+        recorded = load_recorded_knowledge(store, draft.fingerprint, list(hashes)[:1], draft.key_layer,
+                                           draft.value_layer).get(list(hashes)[0])
+    return knowledge_for(draft, pairs, recorded)
 
 
 @dataclass
@@ -596,6 +650,10 @@ def draft_config_from(payload: dict[str, Any]) -> DraftConfig:
 
     known = {f.name for f in dataclasses.fields(DraftConfig)}
     raw = payload.get("draft_config") or {}
+    # Checkpoints from before recorded-answer knowledge were trained without it: default them to what they are.
+    if not isinstance(raw, dict):
+        raise CorruptError("the checkpoint's draft config is malformed; train again")
+    raw = {"recorded_knowledge": False, **raw}
     try:
         return DraftConfig(**{k: v for k, v in raw.items() if k in known})
     except TypeError:

@@ -53,6 +53,8 @@ from kvdb.draft import (
     PairKnowledge,
     check_compatible,
     draft_config_from,
+    knowledge_for,
+    load_recorded_knowledge,
     read_checkpoint,
     save_checkpoint,
 )
@@ -402,6 +404,57 @@ class AnswerBook:
                                  "writable") from None
 
 
+def fill_answer_states(runtime, lm, layers: Sequence[int], batch_size: int = 4, progress: bool = False) -> int:
+    """Add the base model's ``layers`` states over each stored answer (one row per answer token: the state at the
+    position that predicted it) to the recordings that lack them; returns how many were filled.
+
+    The draft attends to them as knowledge (``draft.recorded_knowledge``). They are computed by one forward pass
+    over prompt + answer rather than captured while generating, so recordings made by `kvdb query` get them too,
+    the next time training runs. A row replaced meanwhile (another writer) is left alone."""
+    from sqlalchemy import select
+    from tqdm import tqdm
+
+    from kvdb.build import layer_states
+    from kvdb.store.blobs import pack, unpack
+    from kvdb.store.models import BaseAnswer
+
+    names = [f"layer_{n}" for n in layers]
+    todo: list[tuple[str, str, dict[str, torch.Tensor]]] = []
+    with runtime.store.read() as session:
+        for row in session.scalars(select(BaseAnswer).where(BaseAnswer.fingerprint == lm.fingerprint,
+                                                            BaseAnswer.prompt_format == PROMPT_FORMAT)):
+            try:
+                t = unpack(row.data, row.checksum, f"base answer of pair {row.pair_hash[:12]}")
+            except CorruptError:
+                continue  # recomputed when its answer is next needed
+            if t["output_ids"].numel() and any(n not in t for n in names):
+                todo.append((row.pair_hash, row.checksum, t))
+    todo.sort(key=lambda x: x[2]["prompt_ids"].numel() + x[2]["output_ids"].numel())
+    bar = tqdm(total=len(todo), unit="answer", desc="answer states", disable=not progress or not todo, leave=False,
+               dynamic_ncols=True)
+    filled = 0
+    try:
+        for i in range(0, len(todo), batch_size):
+            chunk = todo[i : i + batch_size]
+            seqs = [t["prompt_ids"].tolist() + t["output_ids"].tolist()[:-1] for _, _, t in chunk]
+            states = layer_states(lm, seqs, list(layers))
+            with runtime.store.write() as session:
+                for (pair_hash, checksum, t), st in zip(chunk, states):
+                    row = session.scalars(select(BaseAnswer).where(
+                        BaseAnswer.pair_hash == pair_hash, BaseAnswer.fingerprint == lm.fingerprint,
+                        BaseAnswer.prompt_format == PROMPT_FORMAT)).first()
+                    if row is None or row.checksum != checksum:
+                        continue
+                    start = t["prompt_ids"].numel() - 1  # the position that predicts the first answer token
+                    extra = {k: v[start:] for k, v in st.items()}  # [len(output), H] each
+                    row.data, row.checksum = pack({**t, **extra})
+                    filled += 1
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+    return filled
+
+
 def _common_prefix(prompts: Sequence[Sequence[int]]) -> int:
     n = min(len(p) for p in prompts)
     first = prompts[0]
@@ -675,6 +728,7 @@ class Example:
     states: torch.Tensor | None = None  # [L, H] input of the trained layers, L = len(prompt) + len(answer) - 1
     features: torch.Tensor | None = None  # [L, H] the base model's final hidden state (normed) at each position
     labels: list[int] | None = None  # sampled answers: the base model's greedy token after each answer prefix
+    recorded: PairKnowledge | None = None  # the recorded answer to the top reference's question, as knowledge
 
     @property
     def targets(self) -> list[int]:
@@ -792,6 +846,14 @@ def prepare(runtime, lm, draft_cfg: DraftConfig, cache: str | os.PathLike | None
                 train.append(Example(pair, q, "sample", [x.hash for x in refs if x.hash in sources.knowledge],
                                      s.prompt, s.output, features=s.features, labels=s.labels))
     t_samples = time.perf_counter()
+    if draft_cfg.recorded_knowledge:
+        layers = sorted({key_layer, value_layer})
+        counts["answer_states_filled"] = fill_answer_states(runtime, lm, layers, progress=progress)
+        recorded = load_recorded_knowledge(runtime.store, lm.fingerprint, [p.hash for p in sources.pairs],
+                                           key_layer, value_layer)
+        counts["with_recorded_answer"] = attach_recorded(train + heldout, recorded,
+                                                         {p.hash: p.question for p in sources.pairs})
+    t_states = time.perf_counter()
     if not train:
         raise ValidationError("no training example is left after the held-out split; add pairs or lower "
                               "training.holdout_fraction")
@@ -799,7 +861,7 @@ def prepare(runtime, lm, draft_cfg: DraftConfig, cache: str | os.PathLike | None
             "train_examples": len(train), "heldout_examples": len(heldout),
             "answer_tokens": sum(len(e.answer) for e in train + heldout), **counts,
             "seconds_references": round(t_ref - t0, 2), "seconds_answers": round(t_ans - t_ref, 2),
-            "seconds_samples": round(t_samples - t_ans, 2)}
+            "seconds_samples": round(t_samples - t_ans, 2), "seconds_answer_states": round(t_states - t_samples, 2)}
     return Prepared(train, heldout, sources.knowledge, sources, info)
 
 
@@ -809,8 +871,21 @@ def prepare(runtime, lm, draft_cfg: DraftConfig, cache: str | os.PathLike | None
 
 
 def knowledge_of(ex: Example, knowledge: dict[str, PairKnowledge], draft: DraftModel) -> Knowledge:
-    return Knowledge.from_pairs([knowledge[h] for h in ex.refs if h in knowledge], draft.cfg.max_knowledge_tokens,
-                                draft.hidden_size)
+    return knowledge_for(draft, [knowledge[h] for h in ex.refs if h in knowledge], ex.recorded)
+
+
+def attach_recorded(examples: Sequence[Example], recorded: dict[str, PairKnowledge],
+                    question_of: dict[str, str]) -> int:
+    """Give each example the recorded answer to its top reference's question, as drafting will have it; except
+    where that recording answers this very question (the pair's own question under its retrieved references):
+    there it is the target itself, and a verbatim question is answered by replaying the recording anyway."""
+    n = 0
+    for e in examples:
+        top = e.refs[0] if e.refs else None
+        if top in recorded and question_of.get(top) != e.question:
+            e.recorded = recorded[top]
+            n += 1
+    return n
 
 
 def _keep_device(draft: DraftModel) -> torch.device:
@@ -1346,6 +1421,7 @@ def train(runtime, epochs: int | None = None, batch_size: int | None = None, lr:
     # The draft vocabulary: frequent ids + every token of the training data (prompts, answers, knowledge).
     tokens = [torch.tensor(e.prompt + e.answer) for e in data.train]
     tokens += [k.next_ids for k in data.knowledge.values()]
+    tokens += [e.recorded.next_ids for e in data.train if e.recorded is not None]
     static = torch.arange(min(dcfg.vocab_frequent, lm.model.get_output_embeddings().weight.shape[0])) \
         if dcfg.vocab_frequent else None
     if static is not None:

@@ -291,3 +291,53 @@ def test_sampled_answers_are_labelled_with_the_greedy_choice_and_reused(built, m
     # Training reads them (with the base features captured while sampling) and says how many it had.
     result = train(rt, epochs=1, progress=False, lm=lm)
     assert result["data"]["train_examples"] == len(data.train) and result["epochs_run"] == 1
+
+
+def test_recorded_answers_become_the_drafts_first_knowledge(trained):
+    """Each stored answer gets the base model's states over it (the key layer's equal a plain forward's hidden
+    states at the positions that predicted each answer token); training gives a variant the recording of its top
+    reference, never a question its own answer; drafting reads it in front of the references; a checkpoint from
+    before this knowledge existed loads as trained without it."""
+    import dataclasses
+
+    from kvdb.draft import DraftModel, draft_config_from, load_knowledge, load_recorded_knowledge
+    from kvdb.lm import load_model
+    from kvdb.store.blobs import unpack
+    from kvdb.store.models import BaseAnswer
+    from kvdb.train import fill_answer_states, prepare
+
+    rt, _ = trained
+    lm = load_model(rt.config.model, rt.home)
+    n, last = rt.config.draft.num_sampled_layers, lm.num_layers
+    fill_answer_states(rt, lm, [n, last])  # rows another test replaced get theirs back
+    assert fill_answer_states(rt, lm, [n, last]) == 0  # nothing left to fill
+    with rt.store.read() as session:
+        row = session.query(BaseAnswer).first()
+        t = unpack(row.data, row.checksum, "answer")
+        pair_hash = row.pair_hash
+    prompt, out = t["prompt_ids"].tolist(), t["output_ids"].tolist()
+    with torch.inference_mode():
+        hs = lm.model(input_ids=torch.tensor([prompt + out[:-1]]), output_hidden_states=True).hidden_states
+    expected = hs[n][0, len(prompt) - 1 :]
+    assert t[f"layer_{n}"].shape == (len(out), lm.hidden_size) == t[f"layer_{last}"].shape
+    assert torch.allclose(t[f"layer_{n}"].float(), expected.float(), atol=2e-2, rtol=1e-2)
+
+    recorded = load_recorded_knowledge(rt.store, lm.fingerprint, [pair_hash], n, last)
+    assert recorded[pair_hash].next_ids.tolist() == out
+
+    data = prepare(rt, lm, rt.config.draft)
+    question_of = {p.hash: p.question for p in data.sources.pairs}
+    examples = data.train + data.heldout
+    variants = [e for e in examples if e.kind == "variant" and e.refs]
+    assert variants and all(e.recorded is not None and e.recorded.hash == f"answer:{e.refs[0]}" for e in variants)
+    own = [e for e in examples if e.kind == "question" and e.refs and question_of[e.refs[0]] == e.question]
+    assert own and all(e.recorded is None for e in own)
+    assert data.info["with_recorded_answer"] == len([e for e in examples if e.recorded is not None])
+
+    draft = DraftModel(lm, rt.config.draft)
+    k = load_knowledge(rt.store, draft, [pair_hash])
+    assert k.next_ids[: len(out)].tolist() == out and k.size > len(out)
+    without = DraftModel(lm, dataclasses.replace(rt.config.draft, recorded_knowledge=False))
+    assert load_knowledge(rt.store, without, [pair_hash]).size == k.size - len(out)
+    old = {k: v for k, v in dataclasses.asdict(rt.config.draft).items() if k != "recorded_knowledge"}
+    assert draft_config_from({"draft_config": old}).recorded_knowledge is False
