@@ -92,6 +92,12 @@ class StoreKnowledge:
 
         return load_knowledge(self.rt.store, draft, hashes)
 
+    def answer_book(self, max_new_tokens: int):
+        """Where answers to exact prompts are looked up and recorded."""
+        from kvdb.train import AnswerBook
+
+        return AnswerBook(self.rt, self.lm, max_new_tokens, replace_stored=False)
+
 
 class Answerer:
     """Holds the loaded models for many questions (one process, `kvdb query --file ... --generate`).
@@ -193,14 +199,14 @@ class Answerer:
     def answer(self, query: str, max_new_tokens: int | None = None, top_k: int | None = None,
                domain: str | None = None, on_tokens: Callable[[list[int]], None] | None = None,
                record: bool = True, learned: bool = True) -> Answer:
-        from kvdb.train import AnswerBook, AnswerRequest
+        from kvdb.train import AnswerRequest
 
         result, ids, max_new_tokens = self.prepare(query, max_new_tokens, top_k, domain)
-        book = None if self.from_cache else AnswerBook(self.rt, self.lm, max_new_tokens, replace_stored=False)
+        book = self.knowledge.answer_book(max_new_tokens)
         sources = self.sources(ids, result, query, book, learned)
         generated = speculative_generate(self.lm.model, ids, max_new_tokens, self.lm.eos_ids, sources, self.policy(),
                                          on_tokens=on_tokens)
-        if book is not None and record and not any(isinstance(s, ExactAnswerSource) for s in sources):
+        if record and not any(isinstance(s, ExactAnswerSource) for s in sources):
             try:
                 book.record([AnswerRequest(prompt=ids, pair_hash=self._own_pair(result, query),
                                            output=generated.output_ids)])

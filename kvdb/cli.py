@@ -516,7 +516,7 @@ def import_(ctx, path, as_json) -> None:
         emit_json(report.as_dict())
         return
     click.echo(f"added {report.added}, skipped {report.skipped} already stored; reused vectors of {report.vectors}"
-               f" and embeddings of {report.embeddings} pair(s)")
+               f" and embeddings of {report.embeddings} pair(s), recorded answers of {report.base_answers}")
     if report.vectors_skipped_reason:
         click.echo(f"vectors not reused: {report.vectors_skipped_reason}", err=True)
 

@@ -2,8 +2,10 @@
 
 A deployment can ship a cache and a draft checkpoint and nothing else, as the seed's inference script did. The cache
 carries what the engine needs: each pair's text, its field embeddings (for the same FAISS search the store's index
-serves) and its per-token vectors (for the learned draft). Nothing goes into a store: no index file, no recorded
-answers (only the measured verify-pass costs are kept, under KVDB_HOME/models).
+serves) and its per-token vectors (for the learned draft). Nothing goes into a store: no index file, no
+recorded answer (only the measured verify-pass costs are kept, under KVDB_HOME/models). The base model's recorded answers
+that the cache carries (``base_answers``) are read as the store's are: a stored question is answered by replaying
+its recording, copies draw on them, and the draft attends to the top pair's.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 
 from kvdb.config import Config, Home
 from kvdb.errors import ForeignFileError, NotFoundError
-from kvdb.export import load_cache
+from kvdb.export import load_cache, recorded_entry
 from kvdb.index import VectorIndex
 from kvdb.retrieve import SLOTS, Match, Retriever, field_vectors, index_spec
 
@@ -74,8 +76,13 @@ class CacheKnowledge:
         self.retriever = CacheRetriever(config, home, self.cache, self.path, lm=lm)
         self._position = {qa["hash"]: i for i, qa in enumerate(self.cache["qa_pairs"])}
 
+    def recording(self, pair_hash: str) -> dict[str, Any] | None:
+        i = self._position.get(pair_hash)
+        return recorded_entry(self.cache, i) if i is not None else None
+
     def recorded_answers(self, hashes: list[str]) -> list[list[int]]:
-        return []  # a cache carries no recorded answers
+        found = (self.recording(h) for h in hashes)
+        return [r["output_ids"].tolist() for r in found if r is not None]
 
     def pair_knowledge(self, draft, hashes: list[str]):
         from kvdb.draft import PairKnowledge, knowledge_for
@@ -88,4 +95,29 @@ class CacheKnowledge:
             tensors = {**self.cache["token_vectors"][i], "token_ids": self.cache["token_ids"][i]}
             pairs.append(PairKnowledge.from_vectors(h, tensors, int(self.cache["answer_starts"][i]),
                                                     draft.key_layer, draft.value_layer))
-        return knowledge_for(draft, pairs, None)  # a cache carries no recorded answers
+        top = self.recording(hashes[0]) if hashes else None
+        recorded = PairKnowledge.from_answer(hashes[0], top, draft.key_layer, draft.value_layer) if top else None
+        return knowledge_for(draft, pairs, recorded)
+
+    def answer_book(self, max_new_tokens: int) -> "CacheAnswers":
+        return CacheAnswers(self, max_new_tokens)
+
+
+class CacheAnswers:
+    """The cache's recorded answers as an answer book: looked up by pair and exact prompt; a deployment records
+    nothing."""
+
+    def __init__(self, knowledge: CacheKnowledge, max_new_tokens: int):
+        self.knowledge, self.max_new_tokens = knowledge, max_new_tokens
+
+    def lookup(self, requests) -> None:
+        from kvdb.train import usable_answer
+
+        for r in requests:
+            entry = self.knowledge.recording(r.pair_hash) if r.pair_hash else None
+            if entry is not None and entry["prompt_ids"].tolist() == list(r.prompt):
+                r.output = usable_answer(entry["output_ids"].tolist(), entry["finished"], entry["max_new_tokens"],
+                                         self.max_new_tokens)
+
+    def record(self, requests) -> None:
+        pass  # nothing is written next to a deployment

@@ -6,9 +6,13 @@ A cache is a dict that ``torch.load(path, weights_only=True)`` opens::
     model {name, fingerprint, hidden_size, num_layers, layers},  embedder {key, dim, fields},
     qa_pairs [{hash, domain, question, answer, metadata}],
     token_ids [int32 [T]], token_vectors [{"layer_<L>": fp16 [T, H]}], answer_starts [int],
-    embeddings [float32 [D] (question)], embedding_fields [{field: float32 [n, D]}]
+    embeddings [float32 [D] (question)], embedding_fields [{field: float32 [n, D]}],
+    base_answers [{} or {prompt_format, max_new_tokens, finished, text, prompt_ids int32 [P],
+                   output_ids int32 [n], "layer_<L>": fp16 [n, H]}]   (optional: caches before it lack the list)
 
-Lists are parallel, one entry per pair, in store order. Writing streams pair by pair: a pickler writes each tensor's
+Lists are parallel, one entry per pair, in store order. ``base_answers`` carries the base model's recorded answer
+to each pair's own question (what `kvdb train` records, with the states the draft attends to), so a deployment
+from the cache alone replays a stored question's answer and drafts as the store would. Writing streams pair by pair: a pickler writes each tensor's
 storage into the zip archive as soon as it meets it and forgets it, so memory stays bounded by one pair however
 large the store is. Archives carry no timestamps or temporary names, so the same store gives the same bytes.
 """
@@ -29,16 +33,18 @@ import torch
 from sqlalchemy import insert, select
 
 from kvdb.config import Config, Home
-from kvdb.errors import ForeignFileError, NotBuiltError, NotFoundError, StoreError, ValidationError
+from kvdb.errors import CorruptError, ForeignFileError, NotBuiltError, NotFoundError, StoreError, ValidationError
 from kvdb.fileio import atomic_path, write_error
 from kvdb.store.blobs import unpack
 from kvdb.store.db import Store
-from kvdb.store.models import Domain, Embedding, ModelInfo, Pair, PairVectors
+from kvdb.prompt import PROMPT_FORMAT
+from kvdb.store.models import BaseAnswer, Domain, Embedding, ModelInfo, Pair, PairVectors
 from kvdb.store.pairs import check_domain, domain_id
 
 FORMAT = "kvdb.knowledge_cache"
 VERSION = 1
 _LIST_KEYS = ("qa_pairs", "token_ids", "token_vectors", "answer_starts", "embeddings", "embedding_fields")
+_OPTIONAL_LIST_KEYS = ("base_answers",)
 
 
 # -- streaming .pth writer ----------------------------------------------------------------------------------------
@@ -140,6 +146,8 @@ _COLUMNS = {  # what each pass of an export reads: a pass fetches only the blob 
     "answer_starts": (Pair.hash, PairVectors.answer_start),
     "embeddings": (Pair.hash, Embedding.data, Embedding.checksum),
     "embedding_fields": (Pair.hash, Embedding.data, Embedding.checksum),
+    "base_answers": (Pair.hash, BaseAnswer.data, BaseAnswer.checksum, BaseAnswer.max_new_tokens,
+                     BaseAnswer.finished, BaseAnswer.text),
 }
 
 
@@ -159,6 +167,10 @@ def _pair_rows(session, kind: str, fingerprint: str, embedder: str, dom_id: int 
             query = query.join(Domain, Domain.id == Pair.domain_id)
         if kind in ("embeddings", "embedding_fields"):
             query = query.outerjoin(Embedding, (Embedding.pair_hash == Pair.hash) & (Embedding.embedder == embedder))
+        if kind == "base_answers":
+            query = query.outerjoin(BaseAnswer, (BaseAnswer.pair_hash == Pair.hash)
+                                    & (BaseAnswer.fingerprint == fingerprint)
+                                    & (BaseAnswer.prompt_format == PROMPT_FORMAT))
         if dom_id is not None:
             query = query.where(Pair.domain_id == dom_id)
         rows = session.execute(query).all()
@@ -177,6 +189,18 @@ def _cache_object(session, model: ModelInfo, layers: list[int], embedder_key: st
     def pairs():
         for h, domain_name, question, answer, meta in rows("qa_pairs"):
             yield {"hash": h, "domain": domain_name, "question": question, "answer": answer, "metadata": meta or {}}
+
+    def recordings() -> Iterator[dict[str, Any]]:
+        for h, data, digest, limit, finished, text in rows("base_answers"):
+            try:
+                t = unpack(data, digest, f"base answer of pair {h[:12]}") if data is not None else None
+            except CorruptError:
+                t = None  # a damaged recording is left out, as the store itself would skip it
+            if t is None:
+                yield {}
+                continue
+            yield {"prompt_format": PROMPT_FORMAT, "max_new_tokens": int(limit), "finished": bool(finished),
+                   "text": text, **{k: v.clone() for k, v in sorted(t.items())}}
 
     def tensors(kind: str) -> Iterator[Any]:
         for h, *cols in rows(kind):
@@ -210,6 +234,7 @@ def _cache_object(session, model: ModelInfo, layers: list[int], embedder_key: st
     }
     for key in _LIST_KEYS[1:]:
         obj[key] = _Stream(tensors(key))
+    obj["base_answers"] = _Stream(recordings())
     return obj
 
 
@@ -291,10 +316,22 @@ def load_cache(path: str | Path) -> dict[str, Any]:
     if obj.get("version") != VERSION:
         raise ForeignFileError(f"{path} is cache version {obj.get('version')}, this kvdb reads {VERSION}")
     n = len(obj.get("qa_pairs", []))
-    for key in _LIST_KEYS:
+    for key in _LIST_KEYS + tuple(k for k in _OPTIONAL_LIST_KEYS if k in obj):
         if not isinstance(obj.get(key), list) or len(obj[key]) != n:
             raise ForeignFileError(f"{path} is damaged: '{key}' does not have one entry per pair")
     return obj
+
+
+def recorded_entry(obj: dict[str, Any], i: int) -> dict[str, Any] | None:
+    """Pair ``i``'s recorded base answer in a loaded cache, if it has one of the current prompt format in a usable
+    shape (older caches have none)."""
+    entries = obj.get("base_answers")
+    entry = entries[i] if isinstance(entries, list) and 0 <= i < len(entries) else None
+    if not isinstance(entry, dict) or entry.get("prompt_format") != PROMPT_FORMAT:
+        return None
+    ok = all(isinstance(entry.get(k), torch.Tensor) and entry[k].dim() == 1 for k in ("prompt_ids", "output_ids"))
+    ok = ok and isinstance(entry.get("max_new_tokens"), int) and isinstance(entry.get("finished"), bool)
+    return entry if ok and isinstance(entry.get("text"), str) else None
 
 
 # -- import -------------------------------------------------------------------------------------------------------
@@ -345,6 +382,8 @@ def release_pages(obj: dict[str, Any], lo: int, hi: int, ranges: list[tuple[int,
     for i in range(lo, min(hi, len(obj["qa_pairs"]))):
         tensors = [obj["token_ids"][i], obj["embeddings"][i], *obj["token_vectors"][i].values(),
                    *obj["embedding_fields"][i].values()]
+        if "base_answers" in obj and isinstance(obj["base_answers"][i], dict):
+            tensors += [v for v in obj["base_answers"][i].values() if isinstance(v, torch.Tensor)]
         for t in tensors:
             storage = t.untyped_storage()
             ptr, size = storage.data_ptr(), storage.nbytes()
@@ -373,6 +412,7 @@ class ImportReport:
     vectors: int = 0
     embeddings: int = 0
     vectors_skipped_reason: str | None = None
+    base_answers: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -409,6 +449,8 @@ def import_cache(config: Config, home: Home, store: Store, path: str | Path,
     def extra(session) -> None:
         have_vec = set(session.scalars(select(PairVectors.pair_hash).where(PairVectors.fingerprint == ref.fingerprint)))
         have_emb = set(session.scalars(select(Embedding.pair_hash).where(Embedding.embedder == emb_ref.key)))
+        have_ans = set(session.scalars(select(BaseAnswer.pair_hash).where(
+            BaseAnswer.fingerprint == ref.fingerprint, BaseAnswer.prompt_format == PROMPT_FORMAT)))
         if reuse_vectors and session.get(ModelInfo, ref.fingerprint) is None:
             session.add(ModelInfo(fingerprint=ref.fingerprint, name=model["name"], source=config.model.source,
                                   hidden_size=int(model["hidden_size"]), num_layers=int(model["num_layers"]),
@@ -417,14 +459,13 @@ def import_cache(config: Config, home: Home, store: Store, path: str | Path,
         # Core inserts a chunk at a time: ORM objects would keep every blob in the session until commit.
         vec_rows: list[dict[str, Any]] = []
         emb_rows: list[dict[str, Any]] = []
+        ans_rows: list[dict[str, Any]] = []
 
         def write_chunk() -> None:
-            if vec_rows:
-                session.execute(insert(PairVectors), vec_rows)
-            if emb_rows:
-                session.execute(insert(Embedding), emb_rows)
-            vec_rows.clear()
-            emb_rows.clear()
+            for table, chunk in ((PairVectors, vec_rows), (Embedding, emb_rows), (BaseAnswer, ans_rows)):
+                if chunk:
+                    session.execute(insert(table), chunk)
+                chunk.clear()
 
         for i, item in enumerate(items):
             h = item.hash
@@ -443,6 +484,14 @@ def import_cache(config: Config, home: Home, store: Store, path: str | Path,
                                      data=data, checksum=digest))
                 have_emb.add(h)
                 report.embeddings += 1
+            entry = recorded_entry(obj, i) if reuse_vectors and h not in have_ans else None
+            if entry is not None:
+                data, digest = pack({k: v for k, v in entry.items() if isinstance(v, torch.Tensor)})
+                ans_rows.append(dict(pair_hash=h, fingerprint=ref.fingerprint, prompt_format=PROMPT_FORMAT,
+                                     max_new_tokens=entry["max_new_tokens"], finished=entry["finished"],
+                                     text=entry["text"], data=data, checksum=digest))
+                have_ans.add(h)
+                report.base_answers += 1
             if i % 256 == 255:
                 write_chunk()
                 release_pages(obj, i - 255, i + 1, ranges)

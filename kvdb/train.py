@@ -295,6 +295,13 @@ def _prompt_key(prompt: Sequence[int]) -> str:
     return hashlib.sha256(json.dumps(list(prompt)).encode()).hexdigest()
 
 
+def usable_answer(output: list[int], finished: bool, recorded_limit: int, limit: int) -> list[int] | None:
+    """A recorded answer serves a request for ``limit`` new tokens if it finished or was allowed as many."""
+    if finished or recorded_limit >= limit:
+        return output[:limit]
+    return None
+
+
 class AnswerBook:
     """The base model's greedy answers, keyed by the exact prompt ids (a prompt holds the question and references).
 
@@ -324,9 +331,7 @@ class AnswerBook:
         return self._file
 
     def _usable(self, output: list[int], finished: bool, limit: int) -> list[int] | None:
-        if finished or limit >= self.max_new_tokens:
-            return output[: self.max_new_tokens]
-        return None
+        return usable_answer(output, finished, limit, self.max_new_tokens)
 
     def lookup(self, requests: Sequence[AnswerRequest]) -> None:
         from sqlalchemy import select

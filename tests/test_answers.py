@@ -82,6 +82,33 @@ def test_cache_alone_answers_like_the_store(kvt: Kvdb, tmp_path, lm):
     assert "not a kvdb knowledge cache" in kd("query", "--cache", str(bogus), "--generate", q, ok=False).stderr
 
 
+def test_cache_carries_the_recorded_answers(kvt: Kvdb, tmp_path, lm):
+    """The export after training holds each pair's recorded answer (with the states the draft reads): a deployment
+    replays it for a stored question asked verbatim, exactly as the store does, and `kvdb import` brings the
+    recordings back, so the imported home exports the same bytes."""
+    from kvdb.export import load_cache, recorded_entry
+
+    cache = kvt.home / "knowledge_cache" / "knowledge_cache.pth"
+    obj = load_cache(cache)
+    entries = [recorded_entry(obj, i) for i in range(len(obj["qa_pairs"]))]
+    assert all(e is not None for e in entries)
+    layers = [f"layer_{n}" for n in obj["model"]["layers"]]
+    assert all(e[k].shape[0] == e["output_ids"].shape[0] for e in entries for k in layers)
+
+    q = obj["qa_pairs"][0]["question"]
+    kd = Kvdb(tmp_path / "deploy", kvt.config)
+    out = kd.json("query", "--cache", str(cache), "--generate", "--no-draft", "-n", "12", q)
+    from_store = kvt.json("query", "--generate", "--no-draft", "-n", "12", q)
+    assert out["output_ids"] == from_store["output_ids"] == _greedy(lm, out["prompt_ids"], 12)
+    for stats in (out["stats"], from_store["stats"]):  # the first token from prefill, 10 drafted in one pass, +1
+        assert stats["verify_steps"] == 1 and stats["sources"]["exact"]["accepted"] == 10, stats
+
+    other = Kvdb(tmp_path / "imported", kvt.config)
+    assert other.json("import", str(cache))["base_answers"] == len(entries)
+    other("export", "--out", str(tmp_path / "again"))
+    assert (tmp_path / "again" / "knowledge_cache.pth").read_bytes() == cache.read_bytes()
+
+
 def test_bench_runs_every_method_on_the_same_prompts(kvt: Kvdb, tmp_path):
     questions = write_jsonl(tmp_path / "q.jsonl", [
         {"query": "What is entropy?", "workload": "stored"},
