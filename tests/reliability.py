@@ -16,35 +16,15 @@ from tests.conftest import write_jsonl
 REPO = Path(__file__).resolve().parent.parent
 
 # The tiny model of tests/test_build_query.py, plus what `kvdb train --epochs 1` needs (see tests/test_train.py).
-TINY_YAML = """model:
-  source: {model}
-build:
-  batch_size: 2
-  layers: [2, -1]
-index:
-  rerank: false
-  confident_threshold_no_rerank: 0.5
-draft:
-  num_sampled_layers: 2
-  vocab_frequent: 64
-training:
-  batch_size: 4
-  learning_rate: 1.0e-3
-  num_epochs: 1
-  save_every: 1
-  holdout_fraction: 0.25
-generation:
-  max_new_tokens: 8
-"""
+TINY_SECTIONS = {"index": {"rerank": False, "confident_threshold_no_rerank": 0.5},
+                 "training": {"num_epochs": 1}, "generation": {"max_new_tokens": 8}}
 
 
 def make_tiny_config(folder: Path) -> Path:
-    from tests.tiny import make_model
+    from tests.tiny import make_model, write_tiny_config
 
     model = make_model(folder / "llama", layers=4, hidden=64)
-    cfg = folder / "tiny.yaml"
-    cfg.write_text(TINY_YAML.format(model=model))
-    return cfg
+    return write_tiny_config(folder / "tiny.yaml", model, **TINY_SECTIONS)
 
 
 def pair_rows(tag: str, n: int, domain: str | None = None) -> list[dict]:

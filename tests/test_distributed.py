@@ -23,31 +23,12 @@ import pytest
 import torch
 
 from tests.conftest import Kvdb, write_jsonl
-from tests.tiny import make_model
+from tests.tiny import make_model, write_tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
 N_PAIRS = 12
 
-CONFIG = """model:
-  source: {model}
-build:
-  batch_size: 2
-  layers: [2, -1]
-index:
-  rerank: false
-draft:
-  num_sampled_layers: 2
-  vocab_frequent: 64
-  use_base_features: true
-training:
-  batch_size: 4
-  learning_rate: 1.0e-3
-  num_epochs: 2
-  save_every: 1
-  holdout_fraction: 0.25
-generation:
-  max_new_tokens: 12
-"""
+SECTIONS = {"index": {"rerank": False}, "draft": {"use_base_features": True}}
 
 # Every atomic file write (kvdb.fileio.atomic_path: checkpoints, log, plot, base-answer file, hash cache; and the
 # index's own) logged with the writer's rank.
@@ -82,8 +63,7 @@ def setup(tmp_path_factory) -> tuple[Path, Path, Path]:
     """(config, pairs file, probe folder)."""
     root = tmp_path_factory.mktemp("dist")
     model = make_model(root / "llama", layers=4, hidden=64)
-    cfg = root / "kvdb.yaml"
-    cfg.write_text(CONFIG.format(model=model))
+    cfg = write_tiny_config(root / "kvdb.yaml", model, **SECTIONS)
     # Every fifth pair of the default set (all seven domains), with their question variants (embedded too).
     text = resources.files("kvdb").joinpath("data/default_faq.jsonl").read_text(encoding="utf-8")
     rows = [json.loads(line) for line in text.splitlines() if line.strip()][::5][:N_PAIRS]

@@ -17,26 +17,10 @@ from kvdb.examples import example_pairs
 from kvdb.runtime import Runtime
 from kvdb.store.pairs import add_pairs, validate
 from kvdb.train import record_base_answers, simulate_steps, summarise, train
-from tests.tiny import make_model
+from tests.tiny import make_model, write_tiny_config
 
-CONFIG = """model:
-  source: {model}
-build:
-  batch_size: 8
-  layers: [2, -1]
-draft:
-  num_sampled_layers: 2
-  vocab_frequent: 64
-  use_base_features: true
-training:
-  batch_size: 4
-  learning_rate: 1.0e-3
-  num_epochs: 2
-  save_every: 1
-  holdout_fraction: 0.25
-generation:
-  max_new_tokens: 12
-"""
+# Base features on: the EAGLE path is the one with the most to break.
+SECTIONS = {"build": {"batch_size": 8}, "draft": {"use_base_features": True}}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -52,13 +36,9 @@ def model_dir(tmp_path_factory) -> Path:
     return make_model(tmp_path_factory.mktemp("tiny") / "llama", layers=4, hidden=64)
 
 
-def write_config(folder: Path, model: Path, **replace: str) -> Path:
-    text = CONFIG.format(model=model)
-    for old, new in replace.items():
-        text = text.replace(old, new)
-    path = folder / "kvdb.yaml"
-    path.write_text(text)
-    return path
+def write_config(folder: Path, model: Path, **sections: dict) -> Path:
+    merged = {k: {**SECTIONS.get(k, {}), **sections.get(k, {})} for k in SECTIONS.keys() | sections.keys()}
+    return write_tiny_config(folder / "kvdb.yaml", model, **merged)
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +142,7 @@ def test_trains_from_an_exported_cache(trained, tmp_path):
     export_caches(rt.config, rt.home, rt.store, out=tmp_path / "caches")
     cache = tmp_path / "caches" / "knowledge_cache.pth"
     # Also the default draft (no base features): the plain token path through train().
-    plain = write_config(tmp_path, Path(rt.config.model.source), **{"  use_base_features: true\n": ""})
+    plain = write_config(tmp_path, Path(rt.config.model.source), draft={"use_base_features": False})
     result = train(Runtime.open(rt.home.root, plain), epochs=1, cache=cache, out=tmp_path / "from-cache",
                    progress=False)
     assert result["epoch"] == 1 and result["data"]["pairs"] == 8
@@ -197,7 +177,7 @@ def test_bad_input_is_refused_clearly(trained, built, tmp_path, model_dir):
     with pytest.raises(ForeignFileError, match="not the current model"):
         train(rt, resume=True, out=out, progress=False)
     shutil.copy(src, out / "draft_model_last.pth")
-    other_cfg = write_config(tmp_path, model_dir, **{"num_sampled_layers: 2": "num_sampled_layers: 1"})
+    other_cfg = write_config(tmp_path, model_dir, draft={"num_sampled_layers": 1})
     with pytest.raises(ForeignFileError, match="num_sampled_layers"):
         train(Runtime.open(rt.home.root, other_cfg), resume=True, out=out, progress=False)
 
@@ -270,8 +250,8 @@ def test_sampled_answers_are_labelled_with_the_greedy_choice_and_reused(built, m
     src, _ = built
     home = tmp_path / "home"
     shutil.copytree(src, home)
-    extra = "  holdout_fraction: 0.25\n  samples_per_question: 2\n  sample_temperature: 1.5"
-    rt = Runtime.open(home, write_config(tmp_path, model_dir, **{"  holdout_fraction: 0.25": extra}))
+    rt = Runtime.open(home, write_config(tmp_path, model_dir,
+                                         training={"samples_per_question": 2, "sample_temperature": 1.5}))
     lm = load_model(rt.config.model, rt.home)
     data = prepare(rt, lm, rt.config.draft)
     samples = [e for e in data.train if e.kind == "sample"]

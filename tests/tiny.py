@@ -59,3 +59,25 @@ def make_model(folder: Path, arch: str = "llama", layers: int = 4, hidden: int =
                                                bos_token_id=tok.bos_token_id)
     model.save_pretrained(folder)
     return folder
+
+
+# The config the tiny-model tests share: two sampled layers of four, a small draft vocabulary, short answers.
+TINY_SETTINGS = {
+    "build": {"batch_size": 2, "layers": [2, -1]},
+    "draft": {"num_sampled_layers": 2, "vocab_frequent": 64},
+    "training": {"batch_size": 4, "learning_rate": 1.0e-3, "num_epochs": 2, "save_every": 1,
+                 "holdout_fraction": 0.25},
+    "generation": {"max_new_tokens": 12},
+}
+
+
+def write_tiny_config(path: Path, model: Path, **sections: dict) -> Path:
+    """Write a kvdb config for ``model``: ``TINY_SETTINGS`` with each of ``sections`` merged into its section."""
+    import yaml
+
+    settings = {"model": {"source": str(model)}}
+    for name in TINY_SETTINGS.keys() | sections.keys():
+        settings[name] = {**TINY_SETTINGS.get(name, {}), **sections.get(name, {})}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(settings, sort_keys=False))
+    return path
