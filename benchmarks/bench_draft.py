@@ -4,8 +4,10 @@ it on paraphrased questions it never saw (kvdb/data/paraphrases.jsonl; never tra
 Reports: held-out top-1 agreement with the base model along its own greedy answers (trained draft, the same draft
 without its knowledge, the untrained 3-layer early exit), split by pairs the draft trained on vs the held-out pairs;
 simulated tokens per verify step for draft lengths 1/2/4/8 (Leviathan et al.), with and without a confidence stop
-(Kangaroo); the draft's per-token cost against one base-model token; an estimated speedup from those; and the
-wall-clock (and CPU) time of training, data preparation included.
+(Kangaroo); the trained draft's agreement split by where each base-model token could be copied from (the
+recorded answer to the top pair's question, its reference answer, both, neither); the draft's per-token cost
+against one base-model token; an estimated speedup from those; and the wall-clock (and CPU) time of training, data
+preparation included.
 
     .venv/bin/python benchmarks/bench_draft.py                       # fresh temporary home, defaults
     .venv/bin/python benchmarks/bench_draft.py --home /tmp/bench-home --keep --json out.json
@@ -107,6 +109,30 @@ def paraphrase_examples(rt, lm, sources, limit: int, seed: int, rerank: bool | N
     recorded = load_recorded_knowledge(rt.store, lm.fingerprint, [p.hash for p in sources.pairs], n, lm.num_layers)
     attach_recorded(out, recorded, {p.hash: p.question for p in sources.pairs})
     return out
+
+
+def copyable(answer: list[int], source: list[int], i: int, n: int = 2) -> bool:
+    """Whether ``answer[i]`` follows the ``n`` tokens before it somewhere in ``source`` (an n-gram copy finds it)."""
+    ctx = answer[max(0, i - n) : i]
+    return any(source[j - len(ctx) : j] == ctx and source[j] == answer[i] for j in range(len(ctx), len(source)))
+
+
+def by_origin(examples, matches, knowledge) -> dict:
+    """Top-1 agreement split by where each base-model token could come from: a 2-gram copy from the recorded
+    answer to the top pair's question, from that pair's reference answer, from both, or from neither (the draft
+    must predict the base model's own wording there)."""
+    out: dict[str, list[int]] = {}
+    for e, m in zip(examples, matches):
+        rec = e.recorded.next_ids.tolist() if e.recorded is not None else []
+        ref = knowledge[e.refs[0]].next_ids.tolist() if e.refs and e.refs[0] in knowledge else []
+        for i, hit in enumerate(m[0]):
+            kind = {(True, True): "recorded+reference", (True, False): "recorded", (False, True): "reference",
+                    (False, False): "neither"}[(copyable(e.answer, rec, i), copyable(e.answer, ref, i))]
+            c = out.setdefault(kind, [0, 0])
+            c[0] += 1
+            c[1] += bool(hit)
+    total = sum(c[0] for c in out.values()) or 1
+    return {k: {"share": round(c[0] / total, 3), "top1": round(c[1] / c[0], 3)} for k, c in sorted(out.items())}
 
 
 def measure(draft, examples, knowledge, use_knowledge=True, full_vocab=False, steps=3, use_features=True):
@@ -268,7 +294,8 @@ def main() -> None:
                            "heldout_pairs": summarise(unseen) if unseen else None}
         results["paraphrases"] = {"count": len(paras), "retrieval_top_k_hit": sum(e.hit for e in paras),
                                   "heldout_pair_paraphrases": sum(e.pair in heldout_pairs for e in paras),
-                                  "table": table}
+                                  "table": table,
+                                  "by_origin": by_origin(paras, variants["trained draft"][0], sources.knowledge)}
 
         # -- costs and estimated speedups -------------------------------------------------------------------------
         longest = max(paras, key=lambda e: len(e.prompt) + len(e.answer))
@@ -339,6 +366,9 @@ def report(r: dict) -> None:
         if by:
             print(f"{name}: agreement of the 1st/2nd/3rd drafted token (given the ones before were right): "
                   + " / ".join(f"{x:.3f}" for x in by))
+    if p.get("by_origin"):
+        print("trained draft by where the base model's token could be copied from (2-gram): " + "; ".join(
+            f"{k} {v['share']:.0%} of tokens, top-1 {v['top1']:.3f}" for k, v in p["by_origin"].items()))
     c, ratio = r["costs"], r["cost_ratio"]
     print(f"\nper token: base {c['base_token'] * 1000:.1f} ms; draft {c['draft_token'] * 1000:.1f} ms "
           f"({ratio['draft']:.2f}x base), draft without knowledge {ratio['draft_no_knowledge']:.2f}x, "

@@ -131,6 +131,13 @@ class TrainingConfig:
     # EAGLE-style feature loss: smooth-L1 of the draft's final hidden state to the base model's, beside the token
     # loss (a weight of 0 turns it off).
     feature_loss_weight: float = 0.0
+    # Soft targets (distillation on the base model's distribution, not only its argmax): the weight of the
+    # cross-entropy to the base model's top ``soft_target_top_k`` next-token probabilities at each answer position,
+    # beside the greedy-token loss (0 turns it off). Off by default: on the default set (SmolLM2, 3 layers, 5 epochs,
+    # same data) weight 1.0 gave held-out top-1 0.284 0.379 0.396 0.390 0.395 per epoch against 0.315 0.391 0.414
+    # 0.379 0.407 without, for ~40 s more data preparation.
+    soft_target_weight: float = 0.0
+    soft_target_top_k: int = 32
     # Sampled answers per training question (temperature ``sample_temperature``), each labelled with the base
     # model's greedy token after every sampled prefix: more distillation targets near the greedy path.
     samples_per_question: int = 0

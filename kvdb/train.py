@@ -734,6 +734,7 @@ class Example:
     features: torch.Tensor | None = None  # [L, H] the base model's final hidden state (normed) at each position
     labels: list[int] | None = None  # sampled answers: the base model's greedy token after each answer prefix
     recorded: PairKnowledge | None = None  # the recorded answer to the top reference's question, as knowledge
+    soft: tuple[torch.Tensor, torch.Tensor] | None = None  # base model's top-k next ids [A, k] and probs [A, k]
 
     @property
     def targets(self) -> list[int]:
@@ -935,6 +936,35 @@ def teacher_features(lm, examples: Sequence[Example], batch_size: int = 8, progr
     return len(todo)
 
 
+@torch.inference_mode()
+def teacher_soft_targets(lm, examples: Sequence[Example], top_k: int, batch_size: int = 8,
+                         progress: bool = False) -> int:
+    """The base model's top-``top_k`` next-token probabilities at every answer position (``Example.soft``), for
+    distillation on its distribution rather than its argmax alone. Returns how many examples were computed."""
+    from tqdm import tqdm
+
+    todo = sorted((e for e in examples if e.soft is None), key=lambda e: len(e.ids))
+    head = lm.model.get_output_embeddings()
+    bar = tqdm(total=len(todo), unit="seq", desc="base distributions", disable=not progress or not todo,
+               leave=False, dynamic_ncols=True)
+    try:
+        for i in range(0, len(todo), batch_size):
+            chunk = todo[i : i + batch_size]
+            ids = _pad_ids([e.ids for e in chunk], lm.device)
+            mask = torch.zeros_like(ids)
+            for j, e in enumerate(chunk):
+                mask[j, : len(e.ids)] = 1
+            hidden = lm.decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # [B, T, H]
+            for j, e in enumerate(chunk):
+                logits = head(hidden[j, e.first : e.first + len(e.answer)]).float()  # [A, V]
+                probs, top = torch.softmax(logits, dim=-1).topk(top_k, dim=-1)  # [A, k] each
+                e.soft = (top.cpu(), probs.to(torch.float16).cpu())
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+    return len(todo)
+
+
 def _pad_ids(rows: Sequence[Sequence[int]], device) -> torch.Tensor:
     longest = max(len(r) for r in rows)
     out = torch.zeros(len(rows), longest, dtype=torch.long)
@@ -972,6 +1002,8 @@ class StepOutput:
     labels: torch.Tensor  # [M] vocabulary positions (-1: outside the vocabulary)
     answer_index: torch.Tensor  # [M] which answer token each row predicts
     example: torch.Tensor  # [M] which example of the batch
+    soft_ids: torch.Tensor | None = None  # [M, k] vocabulary positions of the base model's top k (-1: outside)
+    soft_probs: torch.Tensor | None = None  # [M, k] their probabilities
 
 
 def draft_outputs(draft: DraftModel, batch: Sequence[Example], knowledge: dict[str, PairKnowledge],
@@ -1012,6 +1044,16 @@ def draft_outputs(draft: DraftModel, batch: Sequence[Example], knowledge: dict[s
         valid[i, :n] = True
         labels[i, :n] = index[torch.tensor(e.targets)]
     pos, valid, labels = pos.to(dev), valid.to(dev), labels.to(dev)
+    soft_ids = soft_probs = None
+    if all(e.soft is not None for e in batch):
+        k = batch[0].soft[0].shape[1]
+        soft_ids = torch.full((b, width, k), -1, dtype=torch.long)
+        soft_probs = torch.zeros(b, width, k)
+        for i, e in enumerate(batch):
+            n = len(e.answer)
+            soft_ids[i, :n] = index[e.soft[0][:n]]
+            soft_probs[i, :n] = e.soft[1][:n].float()
+        soft_ids, soft_probs = soft_ids.to(dev), soft_probs.to(dev)
     answer_index = torch.arange(width, device=dev).view(1, width).expand(b, width)
     example = torch.arange(b, device=dev).view(b, 1).expand(b, width)
     mem = None
@@ -1036,7 +1078,8 @@ def draft_outputs(draft: DraftModel, batch: Sequence[Example], knowledge: dict[s
             logits = za @ rows.T
             scored = valid & (answer_index >= step)
             outputs.append(StepOutput(logits[scored].float(), labels[scored], answer_index[scored],
-                                      example[scored]))
+                                      example[scored], soft_ids[scored] if soft_ids is not None else None,
+                                      soft_probs[scored] if soft_probs is not None else None))
             if step == 0 and features:
                 z0 = za[valid]
                 target = torch.cat([e.features[e.first : e.first + len(e.answer)] for e in batch]).to(dev)
@@ -1204,14 +1247,23 @@ def _optimizer(draft: DraftModel, lr: float, knowledge_lr: float) -> torch.optim
 
 def batch_loss(draft: DraftModel, batch: Sequence[Example], knowledge: dict[str, PairKnowledge], vocab: torch.Tensor,
                index: torch.Tensor, use_knowledge: bool = True, steps: int = 1,
-               feature_weight: float = 0.0) -> torch.Tensor:
-    """The training loss of one batch: token cross-entropy of every unrolled step, plus the weighted feature loss."""
+               feature_weight: float = 0.0, soft_weight: float = 0.0) -> torch.Tensor:
+    """The training loss of one batch: token cross-entropy of every unrolled step, plus the weighted cross-entropy
+    to the base model's top-k distribution (renormalised over the draft vocabulary) and the weighted feature loss."""
     outs, z0, target = draft_outputs(draft, batch, knowledge, vocab, index, use_knowledge, steps)
     losses = []
     for o in outs:
+        parts = []
         ok = o.labels >= 0
         if ok.any():
-            losses.append(F.cross_entropy(o.logits[ok], o.labels[ok]))
+            parts.append(F.cross_entropy(o.logits[ok], o.labels[ok]))
+        if soft_weight and o.soft_ids is not None and o.soft_ids.shape[0]:
+            p = o.soft_probs * (o.soft_ids >= 0)  # [M, k], ids outside the draft vocabulary dropped
+            p = p / p.sum(-1, keepdim=True).clamp(min=1e-6)
+            logq = torch.log_softmax(o.logits, dim=-1).gather(1, o.soft_ids.clamp(min=0))  # [M, k]
+            parts.append(soft_weight * -(p * logq).sum(-1).mean())
+        if parts:
+            losses.append(sum(parts))
     loss = torch.stack(losses).mean()
     if feature_weight and z0 is not None:
         loss = loss + feature_weight * F.smooth_l1_loss(z0.float(), target.float())
@@ -1230,8 +1282,9 @@ class BatchLoss(torch.nn.Module):
         super().__init__()
         self.draft = draft
 
-    def forward(self, batch, knowledge, vocab, index, use_knowledge, steps, feature_weight):
-        loss = batch_loss(self.draft, batch, knowledge, vocab, index, use_knowledge, steps, feature_weight)
+    def forward(self, batch, knowledge, vocab, index, use_knowledge, steps, feature_weight, soft_weight=0.0):
+        loss = batch_loss(self.draft, batch, knowledge, vocab, index, use_knowledge, steps, feature_weight,
+                          soft_weight)
         # Every trained parameter takes part in every step (adding 0 leaves the gradients as they are): DDP waits for
         # a gradient of each one, and a batch that skips a module (e.g. examples without knowledge) would stall it.
         return loss + 0.0 * sum(p.sum() for p in self.draft.trainable_parameters())
@@ -1266,7 +1319,7 @@ def rank_batches(n: int, batch_size: int, seed: int, rank: int = 0,
 
 def train_epoch(draft: DraftModel, optimizer, examples: Sequence[Example], knowledge: dict[str, PairKnowledge],
                 vocab: torch.Tensor, batch_size: int, seed: int, feature_weight: float = 0.0, bar=None,
-                use_knowledge: bool = True, steps: int = 1, ddp=None) -> float:
+                use_knowledge: bool = True, steps: int = 1, ddp=None, soft_weight: float = 0.0) -> float:
     """One pass over ``examples``; returns the mean loss (token cross-entropy of every unrolled step, plus the
     weighted feature loss). With ``ddp`` (from :func:`ddp_wrap`, under torchrun) each rank runs its share of every
     batch and the returned loss is the mean over all ranks' examples."""
@@ -1278,10 +1331,11 @@ def train_epoch(draft: DraftModel, optimizer, examples: Sequence[Example], knowl
     for part, weight in rank_batches(len(examples), batch_size, seed, me.rank, me.world):
         batch = [examples[j] for j in part]
         if ddp is None:
-            loss = batch_loss(draft, batch, knowledge, vocab, index, use_knowledge, steps, feature_weight)
+            loss = batch_loss(draft, batch, knowledge, vocab, index, use_knowledge, steps, feature_weight,
+                              soft_weight)
             scaled = loss
         else:
-            loss = ddp(batch, knowledge, vocab, index, use_knowledge, steps, feature_weight)
+            loss = ddp(batch, knowledge, vocab, index, use_knowledge, steps, feature_weight, soft_weight)
             scaled = loss * weight
         optimizer.zero_grad(set_to_none=True)
         if ddp is None:
@@ -1452,6 +1506,12 @@ def train(runtime, epochs: int | None = None, batch_size: int | None = None, lr:
     frozen_states(draft, needed)
     if dcfg.use_base_features:
         data.info["features_computed"] = teacher_features(lm, needed, progress=progress and me.is_main)
+    if tcfg.soft_target_weight and not eval_only:
+        if not 1 <= tcfg.soft_target_top_k <= lm.model.get_output_embeddings().weight.shape[0]:
+            raise ValidationError(f"training.soft_target_top_k must be between 1 and the vocabulary size; got "
+                                  f"{tcfg.soft_target_top_k}")
+        data.info["soft_targets_computed"] = teacher_soft_targets(lm, data.train, tcfg.soft_target_top_k,
+                                                                  progress=progress and me.is_main)
     t_states = time.perf_counter()
 
     # The untrained early exit: fresh copies of the same layers (so the inputs computed above fit), full head.
@@ -1505,7 +1565,8 @@ def train(runtime, epochs: int | None = None, batch_size: int | None = None, lr:
             t0 = time.perf_counter()
             bar.set_description(f"epoch {epoch}/{end_epoch}")
             loss = train_epoch(draft, optimizer, data.train, data.knowledge, train_vocab, batch_size,
-                               seed=tcfg.seed + epoch, feature_weight=tcfg.feature_loss_weight, bar=bar,
+                               seed=tcfg.seed + epoch, feature_weight=tcfg.feature_loss_weight,
+                               soft_weight=tcfg.soft_target_weight, bar=bar,
                                steps=steps, ddp=ddp)
             train_seconds = time.perf_counter() - t0
             held = evaluate(draft, eval_set, data.knowledge, steps=steps)

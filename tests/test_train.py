@@ -321,3 +321,40 @@ def test_recorded_answers_become_the_drafts_first_knowledge(trained):
     assert load_knowledge(rt.store, without, [pair_hash]).size == k.size - len(out)
     old = {k: v for k, v in dataclasses.asdict(rt.config.draft).items() if k != "recorded_knowledge"}
     assert draft_config_from({"draft_config": old}).recorded_knowledge is False
+
+
+def test_soft_targets_are_the_base_distribution_and_train(built, model_dir, tmp_path):
+    """`training.soft_target_weight`: each answer position carries the base model's top-k next-token probabilities
+    (their first id is the greedy token the answer holds); the loss adds the cross-entropy to them, and training
+    with it still lowers the loss."""
+    from kvdb.draft import DraftModel
+    from kvdb.lm import load_model
+    from kvdb.train import batch_loss, frozen_states, prepare, teacher_soft_targets
+
+    src, _ = built
+    home = tmp_path / "home"
+    shutil.copytree(src, home)
+    rt = Runtime.open(home, write_config(tmp_path, model_dir, draft={"use_base_features": False},
+                                         training={"soft_target_weight": 1.0, "soft_target_top_k": 8}))
+    lm = load_model(rt.config.model, rt.home)
+    data = prepare(rt, lm, rt.config.draft)
+    batch = data.train[:4]
+    assert teacher_soft_targets(lm, batch, 8) == 4 and teacher_soft_targets(lm, batch, 8) == 0
+    for e in batch:
+        ids, probs = e.soft
+        assert ids.shape == probs.shape == (len(e.answer), 8)
+        assert ids[:, 0].tolist() == e.answer  # greedy answers: the top id is the token chosen
+        assert bool((probs[:, :-1] >= probs[:, 1:]).all()) and float(probs.float().sum(-1).max()) <= 1.001
+
+    draft = DraftModel(lm, rt.config.draft)
+    frozen_states(draft, batch)
+    vocab = torch.arange(draft.vocab_size)
+    index = draft.vocab_index(vocab)
+    with torch.no_grad():
+        hard = batch_loss(draft, batch, data.knowledge, vocab, index)
+        both = batch_loss(draft, batch, data.knowledge, vocab, index, soft_weight=1.0)
+    assert both.item() > hard.item()  # the soft cross-entropy is positive and adds to it
+
+    result = train(rt, out=tmp_path / "out", progress=False)
+    losses = [h["train_loss"] for h in json.loads(Path(result["log"]).read_text())["epochs"]]
+    assert result["data"]["soft_targets_computed"] == len(data.train) and losses[-1] < losses[0]
