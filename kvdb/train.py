@@ -409,6 +409,15 @@ class AnswerBook:
                                  "writable") from None
 
 
+def answer_states(lm, answers: Sequence[tuple[list[int], list[int]]], layers: Sequence[int]) -> list[dict]:
+    """For each (prompt, answer): the base model's ``layers`` states at the positions that predicted each answer
+    token, {"layer_<L>": [len(answer), H] fp16}; one padded forward pass over prompt + answer[:-1]."""
+    from kvdb.build import layer_states
+
+    states = layer_states(lm, [list(p) + list(a)[:-1] for p, a in answers], list(layers))
+    return [{k: v[len(p) - 1 :] for k, v in st.items()} for (p, _), st in zip(answers, states)]
+
+
 def fill_answer_states(runtime, lm, layers: Sequence[int], batch_size: int = 4, progress: bool = False) -> int:
     """Add the base model's ``layers`` states over each stored answer (one row per answer token: the state at the
     position that predicted it) to the recordings that lack them; returns how many were filled.
@@ -419,7 +428,6 @@ def fill_answer_states(runtime, lm, layers: Sequence[int], batch_size: int = 4, 
     from sqlalchemy import select
     from tqdm import tqdm
 
-    from kvdb.build import layer_states
     from kvdb.store.blobs import pack, unpack
     from kvdb.store.models import BaseAnswer
 
@@ -441,17 +449,15 @@ def fill_answer_states(runtime, lm, layers: Sequence[int], batch_size: int = 4, 
     try:
         for i in range(0, len(todo), batch_size):
             chunk = todo[i : i + batch_size]
-            seqs = [t["prompt_ids"].tolist() + t["output_ids"].tolist()[:-1] for _, _, t in chunk]
-            states = layer_states(lm, seqs, list(layers))
+            states = answer_states(lm, [(t["prompt_ids"].tolist(), t["output_ids"].tolist()) for _, _, t in chunk],
+                                   layers)
             with runtime.store.write() as session:
-                for (pair_hash, checksum, t), st in zip(chunk, states):
+                for (pair_hash, checksum, t), extra in zip(chunk, states):
                     row = session.scalars(select(BaseAnswer).where(
                         BaseAnswer.pair_hash == pair_hash, BaseAnswer.fingerprint == lm.fingerprint,
                         BaseAnswer.prompt_format == PROMPT_FORMAT)).first()
                     if row is None or row.checksum != checksum:
                         continue
-                    start = t["prompt_ids"].numel() - 1  # the position that predicts the first answer token
-                    extra = {k: v[start:] for k, v in st.items()}  # [len(output), H] each
                     row.data, row.checksum = pack({**t, **extra})
                     filled += 1
             bar.update(len(chunk))
@@ -857,8 +863,20 @@ def prepare(runtime, lm, draft_cfg: DraftConfig, cache: str | os.PathLike | None
         counts["answer_states_filled"] = fill_answer_states(runtime, lm, layers, progress=progress)
         recorded = load_recorded_knowledge(runtime.store, lm.fingerprint, [p.hash for p in sources.pairs],
                                            key_layer, value_layer)
-        counts["with_recorded_answer"] = attach_recorded(train + heldout, recorded,
-                                                         {p.hash: p.question for p in sources.pairs})
+        # Pairs only in a cache file have their recording in the answer file, not the store: their own question's
+        # example is that recording; its states are computed here (a few per second) and not kept.
+        question_of = {p.hash: p.question for p in sources.pairs}
+        own = {e.pair: e for e in train + heldout if e.kind == "question" and e.answer and e.pair not in recorded
+               and e.question == question_of[e.pair]}
+        items = list(own.values())
+        for i in range(0, len(items), 4):
+            chunk = items[i : i + 4]
+            for e, st in zip(chunk, answer_states(lm, [(e.prompt, e.answer) for e in chunk], layers)):
+                got = PairKnowledge.from_answer(e.pair, {**st, "output_ids": torch.tensor(e.answer)}, key_layer,
+                                                value_layer)
+                if got is not None:
+                    recorded[e.pair] = got
+        counts["with_recorded_answer"] = attach_recorded(train + heldout, recorded, question_of)
     t_states = time.perf_counter()
     if not train:
         raise ValidationError("no training example is left after the held-out split; add pairs or lower "

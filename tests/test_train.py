@@ -148,6 +148,20 @@ def test_trains_from_an_exported_cache(trained, tmp_path):
     assert result["epoch"] == 1 and result["data"]["pairs"] == 8
     assert not result["draft_config"]["use_base_features"] and "features_computed" not in result["data"]
 
+    # The seed's workflow: a fresh home trains from the cache alone. Its pairs' recordings are the answers to their
+    # own questions computed now; variants read them as drafting from the store or the cache would.
+    from kvdb.lm import load_model
+    from kvdb.train import prepare
+
+    fresh = Runtime.open(tmp_path / "fresh", plain)
+    lm = load_model(fresh.config.model, fresh.home)
+    data = prepare(fresh, lm, fresh.config.draft, cache=cache)
+    examples = data.train + data.heldout
+    answer_of = {e.pair: e.answer for e in examples if e.kind == "question"}
+    variants = [e for e in examples if e.kind == "variant"]
+    assert variants and all(e.recorded is not None for e in variants)
+    assert all(e.recorded.next_ids.tolist() == answer_of[e.refs[0]] for e in variants)
+
 
 def test_bad_input_is_refused_clearly(trained, built, tmp_path, model_dir):
     rt, _ = trained
