@@ -66,10 +66,12 @@ class StoreKnowledge:
 
     def __init__(self, rt: Runtime, lm: LM):
         self.rt, self.lm = rt, lm
+        self._file_book = None
         self.retriever = Retriever(rt.config, rt.home, rt.store, lm=lm, model_fingerprint=lm.fingerprint)
 
     def recorded_answers(self, hashes: list[str]) -> list[list[int]]:
-        """The base model's recorded answers to the pairs ``hashes`` (under whatever references they had)."""
+        """The base model's recorded answers to the pairs ``hashes`` (under whatever references they had), and
+        its answers to their rephrasings that training recorded."""
         from sqlalchemy import select
 
         from kvdb.prompt import PROMPT_FORMAT
@@ -85,7 +87,9 @@ class StoreKnowledge:
                     out.append(unpack(row.data, row.checksum, "base answer")["output_ids"].tolist())
                 except KvdbError:
                     continue  # a damaged recording only costs speed; kvdb doctor reports it
-        return out
+        if self._file_book is None:  # read once per process: the file only grows when training runs
+            self._file_book = self.answer_book(self.rt.config.generation.max_new_tokens)
+        return out + self._file_book.answers_about(hashes)
 
     def pair_knowledge(self, draft, hashes: list[str]):
         from kvdb.draft import load_knowledge

@@ -289,6 +289,7 @@ class AnswerRequest:
     output: list[int] | None = None
     group: Any = None  # requests of one group share their prompt's prefix (same references): run it once
     features: torch.Tensor | None = None  # base final hidden states (normed) over prompt + output[:-1], if captured
+    about: str | None = None  # the pair this prompt asks about (its question or a rephrasing), for the answer file
 
 
 def _prompt_key(prompt: Sequence[int]) -> str:
@@ -402,11 +403,35 @@ class AnswerBook:
             for r in rest:
                 book[_prompt_key(r.prompt)] = {"output": r.output, "max_new_tokens": self.max_new_tokens,
                                                "finished": bool(r.output) and r.output[-1] in eos}
-            try:
-                atomic_write_bytes(self.path, json.dumps(book).encode())
-            except OSError as exc:
-                raise StoreError(f"cannot write {self.path}: {exc.strerror or exc}; check that the home is "
-                                 "writable") from None
+                if r.about:
+                    book[_prompt_key(r.prompt)]["pair"] = r.about
+            self._write_file()
+
+    def _write_file(self) -> None:
+        try:
+            atomic_write_bytes(self.path, json.dumps(self._load_file()).encode())
+        except OSError as exc:
+            raise StoreError(f"cannot write {self.path}: {exc.strerror or exc}; check that the home is "
+                             "writable") from None
+
+    def tag(self, requests: Sequence[AnswerRequest]) -> None:
+        """Note in the answer file which pair each answered prompt is about (answers recorded before the file
+        carried it), so ``answers_about`` finds them."""
+        book, changed = self._load_file(), False
+        for r in requests:
+            entry = book.get(_prompt_key(r.prompt)) if r.about and not r.pair_hash else None
+            if isinstance(entry, dict) and entry.get("pair") != r.about:
+                entry["pair"] = r.about
+                changed = True
+        if changed:
+            self._write_file()
+
+    def answers_about(self, hashes: Sequence[str]) -> list[list[int]]:
+        """The base model's answers in the file to rephrasings of the pairs ``hashes`` (training's variants): the
+        model's own wording about those pairs, which an answer to a new rephrasing often repeats."""
+        wanted = set(hashes)
+        return [e["output"] for e in self._load_file().values()
+                if isinstance(e, dict) and e.get("pair") in wanted and isinstance(e.get("output"), list)]
 
 
 def answer_states(lm, answers: Sequence[tuple[list[int], list[int]]], layers: Sequence[int]) -> list[dict]:
@@ -620,6 +645,7 @@ def compute_answers(book: AnswerBook, requests: Sequence[AnswerRequest], batch_s
     from tqdm import tqdm
 
     book.lookup(requests)
+    book.tag(requests)
     todo = [r for r in requests if r.output is None]
     reused = len(requests) - len(todo)
     bar = tqdm(total=len(todo), unit="answer", desc="base answers", disable=not progress or not todo, leave=False,
@@ -832,7 +858,7 @@ def prepare(runtime, lm, draft_cfg: DraftConfig, cache: str | os.PathLike | None
     for p, q, kind, refs in items:
         own = kind == "question" and p.in_store
         requests.append(AnswerRequest(prompt_ids(lm, q, refs), pair_hash=p.hash if own else None,
-                                      group=tuple(r.hash for r in refs)))
+                                      group=tuple(r.hash for r in refs), about=p.hash))
         meta.append((p.hash, q, kind, refs))
     t_ref = time.perf_counter()
     book = AnswerBook(runtime, lm, cfg.generation.max_new_tokens, replace_stored=False)

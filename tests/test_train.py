@@ -372,3 +372,25 @@ def test_soft_targets_are_the_base_distribution_and_train(built, model_dir, tmp_
     result = train(rt, out=tmp_path / "out", progress=False)
     losses = [h["train_loss"] for h in json.loads(Path(result["log"]).read_text())["epochs"]]
     assert result["data"]["soft_targets_computed"] == len(data.train) and losses[-1] < losses[0]
+
+
+def test_answers_to_rephrasings_become_copy_sources(trained):
+    """Training's answers to a pair's variants are kept in the answer file tagged with the pair, and a query whose
+    references include that pair copies from them (besides the stored answer to the pair's own question)."""
+    from kvdb.answer import StoreKnowledge
+    from kvdb.lm import load_model
+    from kvdb.train import AnswerBook, prepare
+
+    rt, _ = trained
+    lm = load_model(rt.config.model, rt.home)
+    data = prepare(rt, lm, rt.config.draft)
+    pair = next(e.pair for e in data.train if e.kind == "variant")
+    variant_answers = [e.answer for e in data.train if e.kind == "variant" and e.pair == pair]
+    book = AnswerBook(rt, lm, rt.config.generation.max_new_tokens)
+    about = book.answers_about([pair])  # also answers to those variants under other references (other runs)
+    assert variant_answers and all(a in about for a in variant_answers)
+    assert not any(a in about for a in book.answers_about([h for h in data.knowledge if h != pair]))
+    own = next(e.answer for e in data.train + data.heldout if e.kind == "question" and e.pair == pair)
+    copies = StoreKnowledge(rt, lm).recorded_answers([pair])
+    assert own in copies and all(a in copies for a in variant_answers)
+    assert book.answers_about(["0" * 64]) == []
