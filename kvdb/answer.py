@@ -212,8 +212,11 @@ class Answerer:
                                          on_tokens=on_tokens)
         if record and not any(isinstance(s, ExactAnswerSource) for s in sources):
             try:
+                # An answer to a rephrasing that retrieval is sure of is the model's wording about that pair:
+                # later rephrasings copy from it, as from training's answers to the pair's variants.
+                about = result.matches[0].hash if result.confident and result.matches else None
                 book.record([AnswerRequest(prompt=ids, pair_hash=self._own_pair(result, query),
-                                           output=generated.output_ids)])
+                                           output=generated.output_ids, about=about)])
             except KvdbError as exc:
                 self.notices.append(f"answer not recorded: {exc}")
         return Answer(result, self.lm.decode(generated.output_ids), ids, generated.output_ids, generated.stats,

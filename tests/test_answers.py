@@ -109,6 +109,26 @@ def test_cache_carries_the_recorded_answers(kvt: Kvdb, tmp_path, lm):
     assert (tmp_path / "again" / "knowledge_cache.pth").read_bytes() == cache.read_bytes()
 
 
+def test_an_answer_to_a_confident_rephrasing_becomes_a_copy_source(kvt: Kvdb, lm):
+    """A generated answer is recorded; when retrieval was sure of its top pair, the next question about that pair
+    copies from it too (an off-topic answer is tagged with no pair)."""
+    from kvdb.answer import StoreKnowledge
+    from kvdb.runtime import Runtime
+
+    sure = kvt.json("query", "--generate", "-n", "12", "Why does the sky look blue to us?")
+    unsure = kvt.json("query", "--generate", "-n", "12", "How long should I boil an egg?")
+    assert sure["confident"] and not unsure["confident"]  # what the cases below rely on
+    from kvdb.train import AnswerBook, _prompt_key
+
+    rt = Runtime.open(kvt.home, kvt.config)
+    top = sure["matches"][0]["hash"]
+    assert sure["output_ids"] in StoreKnowledge(rt, lm).recorded_answers([top])
+    entries = AnswerBook(rt, lm, 12)._load_file()  # (the tiny model's answers repeat: check the entries' tags)
+    assert entries[_prompt_key(sure["prompt_ids"])]["pair"] == top
+    assert entries[_prompt_key(unsure["prompt_ids"])]["output"] == unsure["output_ids"]
+    assert "pair" not in entries[_prompt_key(unsure["prompt_ids"])]
+
+
 def test_bench_runs_every_method_on_the_same_prompts(kvt: Kvdb, tmp_path):
     questions = write_jsonl(tmp_path / "q.jsonl", [
         {"query": "What is entropy?", "workload": "stored"},
