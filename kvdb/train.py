@@ -954,58 +954,51 @@ def frozen_states(draft: DraftModel, examples: Sequence[Example], batch_size: in
             e.states = hidden[j, : len(e.ids)].to(_keep_device(draft)).clone()
 
 
-@torch.no_grad()
-def teacher_features(lm, examples: Sequence[Example], batch_size: int = 8, progress: bool = False) -> int:
-    """The base model's final hidden states (normed) over prompt + answer[:-1], for examples whose answers were
-    recorded earlier (fresh answers bring them from generation). Returns how many were computed."""
+@torch.no_grad()  # not inference mode: features feed the draft's training graph
+def _teacher_passes(lm, todo: Sequence[Example], batch_size: int, desc: str,
+                    progress: bool) -> Iterator[tuple[list[Example], torch.Tensor]]:
+    """The base model's final hidden states (normed) over prompt + answer[:-1] of ``todo``, a padded batch at a
+    time: (examples, [B, T, H])."""
     from tqdm import tqdm
 
-    todo = sorted((e for e in examples if e.features is None), key=lambda e: len(e.ids))
-    keep = lm.device if lm.device.type == "cuda" else torch.device("cpu")
-    bar = tqdm(total=len(todo), unit="seq", desc="base features", disable=not progress or not todo, leave=False,
+    bar = tqdm(total=len(todo), unit="seq", desc=desc, disable=not progress or not todo, leave=False,
                dynamic_ncols=True)
     try:
         for i in range(0, len(todo), batch_size):
-            chunk = todo[i : i + batch_size]
+            chunk = list(todo[i : i + batch_size])
             ids = _pad_ids([e.ids for e in chunk], lm.device)
             mask = torch.zeros_like(ids)
             for j, e in enumerate(chunk):
                 mask[j, : len(e.ids)] = 1
-            out = lm.decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-            for j, e in enumerate(chunk):
-                e.features = out[j, : len(e.ids)].to(keep).clone()
+            yield chunk, lm.decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
             bar.update(len(chunk))
     finally:
         bar.close()
+
+
+def teacher_features(lm, examples: Sequence[Example], batch_size: int = 8, progress: bool = False) -> int:
+    """The base model's final hidden states (normed) over prompt + answer[:-1], for examples whose answers were
+    recorded earlier (fresh answers bring them from generation). Returns how many were computed."""
+    todo = sorted((e for e in examples if e.features is None), key=lambda e: len(e.ids))
+    keep = lm.device if lm.device.type == "cuda" else torch.device("cpu")
+    for chunk, out in _teacher_passes(lm, todo, batch_size, "base features", progress):
+        for j, e in enumerate(chunk):
+            e.features = out[j, : len(e.ids)].to(keep).clone()
     return len(todo)
 
 
-@torch.inference_mode()
 def teacher_soft_targets(lm, examples: Sequence[Example], top_k: int, batch_size: int = 8,
                          progress: bool = False) -> int:
     """The base model's top-``top_k`` next-token probabilities at every answer position (``Example.soft``), for
     distillation on its distribution rather than its argmax alone. Returns how many examples were computed."""
-    from tqdm import tqdm
-
     todo = sorted((e for e in examples if e.soft is None), key=lambda e: len(e.ids))
     head = lm.model.get_output_embeddings()
-    bar = tqdm(total=len(todo), unit="seq", desc="base distributions", disable=not progress or not todo,
-               leave=False, dynamic_ncols=True)
-    try:
-        for i in range(0, len(todo), batch_size):
-            chunk = todo[i : i + batch_size]
-            ids = _pad_ids([e.ids for e in chunk], lm.device)
-            mask = torch.zeros_like(ids)
-            for j, e in enumerate(chunk):
-                mask[j, : len(e.ids)] = 1
-            hidden = lm.decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # [B, T, H]
-            for j, e in enumerate(chunk):
+    for chunk, hidden in _teacher_passes(lm, todo, batch_size, "base distributions", progress):
+        for j, e in enumerate(chunk):
+            with torch.no_grad():
                 logits = head(hidden[j, e.first : e.first + len(e.answer)]).float()  # [A, V]
-                probs, top = torch.softmax(logits, dim=-1).topk(top_k, dim=-1)  # [A, k] each
-                e.soft = (top.cpu(), probs.to(torch.float16).cpu())
-            bar.update(len(chunk))
-    finally:
-        bar.close()
+            probs, top = torch.softmax(logits, dim=-1).topk(top_k, dim=-1)  # [A, k] each
+            e.soft = (top.cpu(), probs.to(torch.float16).cpu())
     return len(todo)
 
 
