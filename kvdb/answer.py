@@ -87,7 +87,7 @@ class StoreKnowledge:
                     out.append(unpack(row.data, row.checksum, "base answer")["output_ids"].tolist())
                 except KvdbError:
                     continue  # a damaged recording only costs speed; kvdb doctor reports it
-        if self._file_book is None:  # read once per process: the file only grows when training runs
+        if self._file_book is None:  # one book: it reads the file again only when it has changed
             self._file_book = self.answer_book(self.rt.config.generation.max_new_tokens)
         return out + self._file_book.answers_about(hashes)
 

@@ -133,11 +133,7 @@ def run_bench(runtime, questions: Sequence[BenchQuestion], max_new_tokens: int |
     depth = runtime.config.draft.num_sampled_layers
     gen_cfg = runtime.config.generation
     max_new_tokens = max_new_tokens or gen_cfg.max_new_tokens
-    book = None
-    if not answerer.from_cache:
-        from kvdb.train import AnswerBook
-
-        book = AnswerBook(runtime, lm, max_new_tokens, replace_stored=False)
+    book = answerer.knowledge.answer_book(max_new_tokens)  # the store's or, with --cache, the cache's recordings
 
     def kvdb(ids, result, query, learned):
         sources = answerer.sources(ids, result, query, book, learned=learned)

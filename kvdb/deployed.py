@@ -2,10 +2,10 @@
 
 A deployment can ship a cache and a draft checkpoint and nothing else, as the seed's inference script did. The cache
 carries what the engine needs: each pair's text, its field embeddings (for the same FAISS search the store's index
-serves) and its per-token vectors (for the learned draft). Nothing goes into a store: no index file, no
-recorded answer (only the measured verify-pass costs are kept, under KVDB_HOME/models). The base model's recorded answers
-that the cache carries (``base_answers``) are read as the store's are: a stored question is answered by replaying
-its recording, copies draw on them, and the draft attends to the top pair's.
+serves), its per-token vectors (for the learned draft) and the base model's recorded answers to the pairs'
+questions (``base_answers``), read as the store's are: a stored question is answered by replaying its recording,
+copies draw on them, and the draft attends to the top pair's. Nothing goes into a store: no index file, no new
+recording (only the measured verify-pass costs are kept, under KVDB_HOME/models).
 """
 
 from __future__ import annotations

@@ -12,9 +12,10 @@ A cache is a dict that ``torch.load(path, weights_only=True)`` opens::
 
 Lists are parallel, one entry per pair, in store order. ``base_answers`` carries the base model's recorded answer
 to each pair's own question (what `kvdb train` records, with the states the draft attends to), so a deployment
-from the cache alone replays a stored question's answer and drafts as the store would. Writing streams pair by pair: a pickler writes each tensor's
-storage into the zip archive as soon as it meets it and forgets it, so memory stays bounded by one pair however
-large the store is. Archives carry no timestamps or temporary names, so the same store gives the same bytes.
+from the cache alone replays a stored question's answer and drafts as the store would.
+
+Writing streams pair by pair: a pickler writes each tensor's storage into the zip archive as soon as it meets it
+and forgets it, so memory stays bounded by one pair however large the store is. Archives carry no timestamps or temporary names, so the same store gives the same bytes.
 """
 
 from __future__ import annotations

@@ -321,9 +321,20 @@ class AnswerBook:
         self.replace_stored = replace_stored
         self.path = runtime.home.checkpoints_dir / "base_answers" / f"{lm.fingerprint[:16]}-{PROMPT_FORMAT}.json"
         self._file: dict[str, dict] | None = None
+        self._seen: tuple[int, int] | None = None  # (mtime_ns, size) of the file as last read or written
+
+    def _stamp(self) -> tuple[int, int] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size
 
     def _load_file(self) -> dict[str, dict]:
-        if self._file is None:
+        """The answer file, read again when another book or process has written it since (so a long-lived
+        answerer sees what later answers recorded, and a write starts from the latest entries)."""
+        if self._file is None or self._stamp() != self._seen:
+            self._seen = self._stamp()
             try:
                 data = json.loads(self.path.read_text())
                 self._file = data if isinstance(data, dict) else {}
@@ -409,7 +420,8 @@ class AnswerBook:
 
     def _write_file(self) -> None:
         try:
-            atomic_write_bytes(self.path, json.dumps(self._load_file()).encode())
+            atomic_write_bytes(self.path, json.dumps(self._file or {}).encode())
+            self._seen = self._stamp()
         except OSError as exc:
             raise StoreError(f"cannot write {self.path}: {exc.strerror or exc}; check that the home is "
                              "writable") from None
