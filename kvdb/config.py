@@ -126,7 +126,9 @@ class TrainingConfig:
     # Training questions per pair: the pair's question, plus its metadata["variants"] rephrasings when true.
     use_variants: bool = True
     # Retrieved-pair contexts per question: the first is what retrieval gives; each further one is the question's
-    # own pair among random others, shuffled (the base model answers each context once).
+    # own pair among random others, shuffled (the base model answers each context once). Measured (default set,
+    # recorded-answer knowledge on, 5 epochs): 2 gave held-out top-1 0.354 0.357 0.387 0.359 0.365 per epoch
+    # against 0.315 0.391 0.414 0.379 0.407 with 1, in 8.2 minutes instead of 6.2.
     contexts_per_question: int = 1
     # EAGLE-style feature loss: smooth-L1 of the draft's final hidden state to the base model's, beside the token
     # loss (a weight of 0 turns it off).
