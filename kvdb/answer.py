@@ -71,7 +71,7 @@ class StoreKnowledge:
 
     def recorded_answers(self, hashes: list[str]) -> list[list[int]]:
         """The base model's recorded answers to the pairs ``hashes`` (under whatever references they had), and
-        its answers to their rephrasings that training recorded."""
+        its answers to their rephrasings: training's variants and queries retrieval was sure of."""
         from sqlalchemy import select
 
         from kvdb.prompt import PROMPT_FORMAT

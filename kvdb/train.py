@@ -439,8 +439,8 @@ class AnswerBook:
             self._write_file()
 
     def answers_about(self, hashes: Sequence[str]) -> list[list[int]]:
-        """The base model's answers in the file to rephrasings of the pairs ``hashes`` (training's variants): the
-        model's own wording about those pairs, which an answer to a new rephrasing often repeats."""
+        """The base model's answers in the file to rephrasings of the pairs ``hashes`` (training's variants, and
+        queries retrieval was sure of): its own wording about those pairs, which a new rephrasing often repeats."""
         wanted = set(hashes)
         return [e["output"] for e in self._load_file().values()
                 if isinstance(e, dict) and e.get("pair") in wanted and isinstance(e.get("output"), list)]
