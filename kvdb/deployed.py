@@ -17,7 +17,7 @@ import numpy as np
 
 from kvdb.config import Config, Home
 from kvdb.errors import ForeignFileError, NotFoundError
-from kvdb.export import load_cache, recorded_entry
+from kvdb.export import load_cache, recorded_entry, variant_entries
 from kvdb.index import VectorIndex
 from kvdb.retrieve import SLOTS, Match, Retriever, field_vectors, index_spec
 
@@ -81,8 +81,13 @@ class CacheKnowledge:
         return recorded_entry(self.cache, i) if i is not None else None
 
     def recorded_answers(self, hashes: list[str]) -> list[list[int]]:
+        """As the store's: the recorded answers to the pairs' own questions, then those to their rephrasings."""
         found = (self.recording(h) for h in hashes)
-        return [r["output_ids"].tolist() for r in found if r is not None]
+        out = [r["output_ids"].tolist() for r in found if r is not None]
+        for h in hashes:
+            i = self._position.get(h)
+            out += [e["output_ids"].tolist() for e in variant_entries(self.cache, i)] if i is not None else []
+        return out
 
     def pair_knowledge(self, draft, hashes: list[str]):
         from kvdb.draft import PairKnowledge, knowledge_for

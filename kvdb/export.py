@@ -9,6 +9,7 @@ A cache is a dict that ``torch.load(path, weights_only=True)`` opens::
     embeddings [float32 [D] (question)], embedding_fields [{field: float32 [n, D]}],
     base_answers [{} or {prompt_format, max_new_tokens, finished, text, prompt_ids int32 [P],
                    output_ids int32 [n], "layer_<L>": fp16 [n, H]}]   (optional: caches before it lack the list)
+    variant_answers [[{prompt_format, key, max_new_tokens, finished, output_ids int32 [n]}]]   (optional, as above)
 
 Lists are parallel, one entry per pair, in store order. ``base_answers`` carries the base model's recorded answer
 to each pair's own question (what `kvdb train` records, with the states the draft attends to), so a deployment
@@ -33,6 +34,7 @@ from typing import Any
 import torch
 from sqlalchemy import insert, select
 
+from kvdb.answer_file import answer_file, answers_by_pair, merge_answer_file
 from kvdb.config import Config, Home
 from kvdb.errors import CorruptError, ForeignFileError, NotBuiltError, NotFoundError, StoreError, ValidationError
 from kvdb.fileio import atomic_path, write_error
@@ -45,7 +47,7 @@ from kvdb.store.pairs import check_domain, domain_id
 FORMAT = "kvdb.knowledge_cache"
 VERSION = 1
 _LIST_KEYS = ("qa_pairs", "token_ids", "token_vectors", "answer_starts", "embeddings", "embedding_fields")
-_OPTIONAL_LIST_KEYS = ("base_answers",)
+_OPTIONAL_LIST_KEYS = ("base_answers", "variant_answers")
 
 
 # -- streaming .pth writer ----------------------------------------------------------------------------------------
@@ -147,6 +149,7 @@ _COLUMNS = {  # what each pass of an export reads: a pass fetches only the blob 
     "answer_starts": (Pair.hash, PairVectors.answer_start),
     "embeddings": (Pair.hash, Embedding.data, Embedding.checksum),
     "embedding_fields": (Pair.hash, Embedding.data, Embedding.checksum),
+    "hashes": (Pair.hash,),
     "base_answers": (Pair.hash, BaseAnswer.data, BaseAnswer.checksum, BaseAnswer.max_new_tokens,
                      BaseAnswer.finished, BaseAnswer.text),
 }
@@ -183,7 +186,7 @@ def _pair_rows(session, kind: str, fingerprint: str, embedder: str, dom_id: int 
 
 
 def _cache_object(session, model: ModelInfo, layers: list[int], embedder_key: str, embedder_dim: int,
-                  domain: str, dom_id: int | None) -> dict[str, Any]:
+                  domain: str, dom_id: int | None, variants: dict[str, dict[str, dict]]) -> dict[str, Any]:
     def rows(kind: str):  # a fresh pass each time
         return _pair_rows(session, kind, model.fingerprint, embedder_key, dom_id)
 
@@ -202,6 +205,12 @@ def _cache_object(session, model: ModelInfo, layers: list[int], embedder_key: st
                 continue
             yield {"prompt_format": PROMPT_FORMAT, "max_new_tokens": int(limit), "finished": bool(finished),
                    "text": text, **{k: v.clone() for k, v in sorted(t.items())}}
+
+    def variant_answers() -> Iterator[list[dict[str, Any]]]:
+        for (h,) in rows("hashes"):
+            yield [{"prompt_format": PROMPT_FORMAT, "key": key, "max_new_tokens": int(e.get("max_new_tokens", 0)),
+                    "finished": bool(e.get("finished")), "output_ids": torch.tensor(e["output"], dtype=torch.int32)}
+                   for key, e in variants.get(h, {}).items()]
 
     def tensors(kind: str) -> Iterator[Any]:
         for h, *cols in rows(kind):
@@ -236,6 +245,7 @@ def _cache_object(session, model: ModelInfo, layers: list[int], embedder_key: st
     for key in _LIST_KEYS[1:]:
         obj[key] = _Stream(tensors(key))
     obj["base_answers"] = _Stream(recordings())
+    obj["variant_answers"] = _Stream(variant_answers())
     return obj
 
 
@@ -254,6 +264,7 @@ def export_caches(config: Config, home: Home, store: Store, domain: str = "all",
     if not _writable(out):
         raise StoreError(f"the export folder {out} is not writable")
     written = []
+    variants = answers_by_pair(answer_file(home, ref.fingerprint))
     with store.read() as session:
         model = session.get(ModelInfo, ref.fingerprint)
         if model is None:
@@ -272,7 +283,7 @@ def export_caches(config: Config, home: Home, store: Store, domain: str = "all",
             targets = [(domain, domain_id(session, domain), f"knowledge_cache_{domain}.pth")]
         for name, did, filename in targets:
             count = _count_built(session, ref.fingerprint, did)
-            obj = _cache_object(session, model, layers, emb_ref.key, dim, name, did)
+            obj = _cache_object(session, model, layers, emb_ref.key, dim, name, did, variants)
             try:
                 write_pth_streaming(out / filename, obj)
             except OSError as exc:
@@ -333,6 +344,16 @@ def recorded_entry(obj: dict[str, Any], i: int) -> dict[str, Any] | None:
     ok = all(isinstance(entry.get(k), torch.Tensor) and entry[k].dim() == 1 for k in ("prompt_ids", "output_ids"))
     ok = ok and isinstance(entry.get("max_new_tokens"), int) and isinstance(entry.get("finished"), bool)
     return entry if ok and isinstance(entry.get("text"), str) else None
+
+
+def variant_entries(obj: dict[str, Any], i: int) -> list[dict[str, Any]]:
+    """Pair ``i``'s answers to rephrasings in a loaded cache, those of the current prompt format in a usable shape."""
+    entries = obj.get("variant_answers")
+    entries = entries[i] if isinstance(entries, list) and 0 <= i < len(entries) else None
+    return [e for e in entries if isinstance(e, dict) and e.get("prompt_format") == PROMPT_FORMAT
+            and isinstance(e.get("key"), str) and isinstance(e.get("output_ids"), torch.Tensor)
+            and e["output_ids"].dim() == 1 and isinstance(e.get("max_new_tokens"), int)
+            and isinstance(e.get("finished"), bool)] if isinstance(entries, list) else []
 
 
 # -- import -------------------------------------------------------------------------------------------------------
@@ -414,6 +435,7 @@ class ImportReport:
     embeddings: int = 0
     vectors_skipped_reason: str | None = None
     base_answers: int = 0
+    variant_answers: int = 0  # answers to rephrasings added to the home's answer file
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -502,4 +524,10 @@ def import_cache(config: Config, home: Home, store: Store, path: str | Path,
 
     added = add_pairs(store, items, config.store, after=extra)
     report.added, report.skipped = added.added, added.skipped
+    if reuse_vectors:  # after the pairs are committed: an answer file entry about a pair never outlives a failed import
+        variants = {e["key"]: {"output": e["output_ids"].tolist(), "finished": e["finished"],
+                               "max_new_tokens": e["max_new_tokens"], "pair": item.hash}
+                    for i, item in enumerate(items) for e in variant_entries(obj, i)}
+        if variants:
+            report.variant_answers = merge_answer_file(answer_file(home, ref.fingerprint), variants)
     return report

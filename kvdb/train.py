@@ -67,6 +67,7 @@ from kvdb.errors import (
     ValidationError,
 )
 from kvdb.export import load_cache
+from kvdb.answer_file import answer_file, read_answer_file, write_answer_file
 from kvdb.fileio import atomic_write_bytes
 from kvdb.prompt import PROMPT_FORMAT, Reference, prompt_ids
 
@@ -319,7 +320,7 @@ class AnswerBook:
         # False: a stored row for another prompt of the pair (e.g. recorded with re-ranked references) is kept, and
         # this prompt's answer goes to the file instead, so two callers never overwrite each other's rows in turn.
         self.replace_stored = replace_stored
-        self.path = runtime.home.checkpoints_dir / "base_answers" / f"{lm.fingerprint[:16]}-{PROMPT_FORMAT}.json"
+        self.path = answer_file(runtime.home, lm.fingerprint)
         self._file: dict[str, dict] | None = None
         self._seen: tuple[int, int] | None = None  # (mtime_ns, size) of the file as last read or written
 
@@ -335,11 +336,7 @@ class AnswerBook:
         answerer sees what later answers recorded, and a write starts from the latest entries)."""
         if self._file is None or self._stamp() != self._seen:
             self._seen = self._stamp()
-            try:
-                data = json.loads(self.path.read_text())
-                self._file = data if isinstance(data, dict) else {}
-            except (OSError, ValueError):
-                self._file = {}
+            self._file = read_answer_file(self.path)
         return self._file
 
     def _usable(self, output: list[int], finished: bool, limit: int) -> list[int] | None:
@@ -419,12 +416,8 @@ class AnswerBook:
             self._write_file()
 
     def _write_file(self) -> None:
-        try:
-            atomic_write_bytes(self.path, json.dumps(self._file or {}).encode())
-            self._seen = self._stamp()
-        except OSError as exc:
-            raise StoreError(f"cannot write {self.path}: {exc.strerror or exc}; check that the home is "
-                             "writable") from None
+        write_answer_file(self.path, self._file or {})
+        self._seen = self._stamp()
 
     def tag(self, requests: Sequence[AnswerRequest]) -> None:
         """Note in the answer file which pair each answered prompt is about (answers recorded before the file
@@ -700,11 +693,7 @@ def sample_answers(runtime, lm, requests: Sequence[SampleRequest], temperature: 
     from tqdm import tqdm
 
     path = runtime.home.checkpoints_dir / "base_answers" / f"{lm.fingerprint[:16]}-{PROMPT_FORMAT}-samples.json"
-    try:
-        book = json.loads(path.read_text())
-        book = book if isinstance(book, dict) else {}
-    except (OSError, ValueError):
-        book = {}
+    book = read_answer_file(path)
     limit = runtime.config.generation.max_new_tokens
 
     def key(r: SampleRequest) -> str:
@@ -732,11 +721,7 @@ def sample_answers(runtime, lm, requests: Sequence[SampleRequest], temperature: 
                     if got.features is not None:
                         r.features = got.features[gi][ri]
                     book[key(r)] = {"output": r.output, "labels": r.labels}
-            try:
-                atomic_write_bytes(path, json.dumps(book).encode())
-            except OSError as exc:
-                raise StoreError(f"cannot write {path}: {exc.strerror or exc}; check that the home is "
-                                 "writable") from None
+            write_answer_file(path, book)
             bar.update(sum(len(g) for g in batch))
     finally:
         bar.close()

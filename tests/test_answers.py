@@ -129,6 +129,36 @@ def test_an_answer_to_a_confident_rephrasing_becomes_a_copy_source(kvt: Kvdb, lm
     assert "pair" not in entries[_prompt_key(unsure["prompt_ids"])]
 
 
+def test_exports_carry_answers_to_rephrasings(kvt: Kvdb, tmp_path, lm):
+    """An answer to a confident rephrasing travels with the pair: the export holds it under the pair, a deployment
+    from the cache alone copies from it, and `kvdb import` adds it to the new home's answer file (once)."""
+    from kvdb.answer import StoreKnowledge
+    from kvdb.config import load_config
+    from kvdb.deployed import CacheKnowledge
+    from kvdb.export import load_cache, variant_entries
+    from kvdb.runtime import Runtime
+
+    sure = kvt.json("query", "--generate", "-n", "12", "Why does the sky look blue to us?")
+    assert sure["confident"]
+    top = sure["matches"][0]["hash"]
+    out = tmp_path / "exported"
+    kvt("export", "--out", str(out))
+    cache = out / "knowledge_cache.pth"
+    obj = load_cache(cache)
+    i = [qa["hash"] for qa in obj["qa_pairs"]].index(top)
+    assert sure["output_ids"] in [e["output_ids"].tolist() for e in variant_entries(obj, i)]
+
+    deployed = CacheKnowledge(load_config(kvt.config), Home.resolve(tmp_path / "deploy"), cache, lm)
+    assert sure["output_ids"] in deployed.recorded_answers([top])
+
+    other = Kvdb(tmp_path / "imported", kvt.config)
+    report = other.json("import", str(cache))
+    assert report["variant_answers"] >= 1
+    rt = Runtime.open(other.home, other.config)
+    assert sure["output_ids"] in StoreKnowledge(rt, lm).recorded_answers([top])
+    assert other.json("import", str(cache))["variant_answers"] == 0  # already there: nothing added twice
+
+
 def test_bench_runs_every_method_on_the_same_prompts(kvt: Kvdb, tmp_path):
     questions = write_jsonl(tmp_path / "q.jsonl", [
         {"query": "What is entropy?", "workload": "stored"},
