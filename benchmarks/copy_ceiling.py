@@ -58,6 +58,13 @@ def ceiling(answerer: Answerer, book, query: str, max_new_tokens: int,
     answer = greedy_generate(answerer.lm.model, ids, n, answerer.lm.eos_ids).output_ids
     policy = replay_policy(answerer, book, query, result, ids, answer, costs)
     copy = next(s for s in answerer.sources(ids, result, query, book, learned=False) if isinstance(s, CopySource))
+    speedup, copied = oracle_copy(copy, ids, answer, costs)
+    return speedup, policy, len(answer), copied
+
+
+def oracle_copy(copy: CopySource, ids: list[int], answer: list[int], costs: list[float]) -> tuple[float, int]:
+    """(speedup over greedy in step units when the copy proposal is taken only where it helps, answer tokens
+    copied)."""
     i, units, copied = 0, 0.0, 0
     while i < len(answer) - 1:
         proposal = copy.propose(ids + answer[: i + 1], 16)
@@ -71,7 +78,7 @@ def ceiling(answerer: Answerer, book, query: str, max_new_tokens: int,
         else:
             units += 1.0
         i += m + 1
-    return (len(answer) - 1) / units if units else 1.0, policy, len(answer), copied
+    return (len(answer) - 1) / units if units else 1.0, copied
 
 
 def main() -> None:

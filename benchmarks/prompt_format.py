@@ -36,6 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import kvdb.prompt as prompt_mod  # noqa: E402
+from benchmarks.copy_ceiling import oracle_copy  # noqa: E402
 from kvdb.answer import Answerer  # noqa: E402
 from kvdb.bench import default_questions  # noqa: E402
 from kvdb.decode import CopySource, greedy_generate  # noqa: E402
@@ -64,25 +65,6 @@ def history_messages(question, references):
 
 
 LAYOUTS = {"history": history_messages}
-
-
-def covered(answer: list[int], prompt: list[int], copies: list[list[int]], costs: list[float]) -> tuple[float, int]:
-    """(oracle copy speedup in step units, answer tokens a copy predicted)."""
-    copy = CopySource(copies, search_context=True)
-    i, units, copied = 0, 0.0, 0
-    while i < len(answer) - 1:
-        proposal = copy.propose(prompt + answer[: i + 1], 16)
-        rest = answer[i + 1:]
-        m = 0
-        while m < len(proposal) and m < len(rest) and proposal[m] == rest[m]:
-            m += 1
-        if m:
-            units += min(costs[len(proposal):] or [costs[-1]])
-            copied += m
-        else:
-            units += 1.0
-        i += m + 1
-    return ((len(answer) - 1) / units if units else 1.0), copied
 
 
 def from_reference(answer: list[int], reference: list[int], n: int = 3) -> float:
@@ -124,7 +106,7 @@ def main() -> None:
             if result.matches:  # the recorded answer to the top pair's own question, under this instruction
                 _, own_ids, _ = answerer.prepare(result.matches[0].question, args.max_new_tokens)
                 copies.append(greedy_generate(lm.model, own_ids, n, lm.eos_ids).output_ids)
-            speed, copied = covered(answer, ids, copies, costs)
+            speed, _ = oracle_copy(CopySource(copies, search_context=True), ids, answer, costs)
             grounded = from_reference(answer, copies[0]) if copies else 0.0
             rows.setdefault(q.workload, []).append((speed, grounded, len(answer)))
             if shown.get(q.workload, 0) < args.show:
