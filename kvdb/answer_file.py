@@ -10,7 +10,6 @@ question live in the store instead (kvdb.train.AnswerBook).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from pathlib import Path
 
 from kvdb.errors import StoreError
@@ -51,14 +50,13 @@ def merge_answer_file(path: Path, entries: dict[str, dict]) -> int:
     return len(new)
 
 
-def answers_by_pair(path: Path, hashes: Iterable[str] | None = None, per_pair: int = 16) -> dict[str, dict[str, dict]]:
-    """The file's answers about each pair (``hashes`` only, when given): {pair hash: {prompt key: entry}}, the
-    ``per_pair`` latest recorded for each."""
-    wanted = set(hashes) if hashes is not None else None
+def answers_by_pair(path: Path, per_pair: int = 16) -> dict[str, dict[str, dict]]:
+    """The file's answers about each pair: {pair hash: {prompt key: entry}}, the ``per_pair`` latest recorded for
+    each."""
     out: dict[str, dict[str, dict]] = {}
     for key, entry in read_answer_file(path).items():
         ok = isinstance(entry, dict) and isinstance(entry.get("pair"), str) and isinstance(entry.get("output"), list)
         ok = ok and all(isinstance(t, int) and 0 <= t < 2**31 for t in entry["output"])
-        if ok and (wanted is None or entry["pair"] in wanted):
+        if ok:
             out.setdefault(entry["pair"], {})[key] = entry
     return {h: dict(list(entries.items())[-per_pair:]) for h, entries in out.items()}

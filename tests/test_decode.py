@@ -391,13 +391,14 @@ def test_policy_asks_a_costly_source_only_when_it_pays():
 
 
 def test_policy_pads_to_the_cheapest_measured_pass():
-    policy = DraftPolicy(pass_costs=[1.0, 1.66, 2.1, 1.45, 1.5, 1.6])
+    policy = DraftPolicy(pass_costs=[1.0, 1.66, 2.1, 1.45, 1.5, 1.6, 1.7, 1.9])
     policy.start([], torch.device("cpu"))
     assert (policy.cost(0), policy.pass_length(0)) == (1.0, 1)
     assert (policy.cost(1), policy.pass_length(1)) == (1.45, 4)  # q=2 is dearer than q=4: pad
     assert (policy.cost(3), policy.pass_length(3)) == (1.45, 4)
     assert (policy.cost(4), policy.pass_length(4)) == (1.5, 5)
-    assert policy.pass_length(10) == 11 and policy.cost(10) == pytest.approx(1.6 + 0.1 * 5)  # the table's slope
+    # Beyond the table: the slope of its upper half (q=4..8: 0.1125 per token), not of its noisy last pair (0.2).
+    assert policy.pass_length(10) == 11 and policy.cost(10) == pytest.approx(1.9 + 0.1125 * 3)
     assert policy.cost(2, draft_cost=0.1) == pytest.approx(1.45 + 0.2)
 
 
