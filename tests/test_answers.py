@@ -133,7 +133,6 @@ def test_exports_carry_answers_to_rephrasings(kvt: Kvdb, tmp_path, lm):
     """An answer to a confident rephrasing travels with the pair: the export holds it under the pair, a deployment
     from the cache alone copies from it, and `kvdb import` adds it to the new home's answer file (once)."""
     from kvdb.answer import StoreKnowledge
-    from kvdb.config import load_config
     from kvdb.deployed import CacheKnowledge
     from kvdb.export import load_cache, variant_entries
     from kvdb.runtime import Runtime
