@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvdb.decode import (COPY_PRIORS, UNSURE_COPY_PRIORS, CopySource, DraftPolicy, ExactAnswerSource,
+from kvdb.decode import (COPY_PRIORS, UNSURE_COPY_PRIORS, CopySource, DraftPolicy, ExactAnswerSource, PassPlan,
                          draft_only_generate, greedy_generate, speculative_generate)
 from kvdb.errors import ForeignFileError, KvdbError, NotBuiltError, ValidationError
 from kvdb.lm import LM, load_model
@@ -122,7 +122,7 @@ class Answerer:
         self.from_cache = cache is not None
         self.retriever = self.knowledge.retriever
         self.notices: list[str] = []
-        self._pass_costs: list[float] | None = None
+        self._pass_plan: PassPlan | None = None
         self.draft = None
         self.draft_name: str | None = None
         if use_draft:
@@ -237,18 +237,25 @@ class Answerer:
         return answer
 
     def policy(self) -> DraftPolicy:
-        """A fresh draft policy for one answer, with this machine's measured pass costs."""
-        return DraftPolicy(max_draft=self.rt.config.generation.max_draft_tokens, pass_costs=self.pass_costs())
+        """A fresh draft policy for one answer, with this machine's measured pass costs and kernels."""
+        plan = self.pass_plan()
+        return DraftPolicy(max_draft=self.rt.config.generation.max_draft_tokens,
+                           pass_costs=plan.costs if plan else None,
+                           transposed_rows=plan.transposed_rows if plan else frozenset())
 
     def pass_costs(self) -> list[float] | None:
-        """Cost of a verify pass by length, measured once per model, device, dtype and thread count and kept under
-        KVDB_HOME/models (a few seconds on a CPU); None where it cannot be measured or kept."""
-        if self._pass_costs is None:
+        plan = self.pass_plan()
+        return plan.costs if plan else None
+
+    def pass_plan(self) -> PassPlan | None:
+        """Cost of a verify pass by length and the kernel for each, measured once per model, device, dtype and
+        thread count and kept under KVDB_HOME/models (~10 s on a CPU); None where it cannot be measured."""
+        if self._pass_plan is None:
             import json
 
             import torch
 
-            from kvdb.decode import measure_pass_costs
+            from kvdb.decode import measure_pass_plan
             from kvdb.fileio import atomic_write_bytes
 
             lm = self.lm
@@ -256,19 +263,23 @@ class Answerer:
                    f"-t{torch.get_num_threads()}")
             path = self.rt.home.models_dir / "pass_costs" / f"{key}.json"
             try:
-                costs = json.loads(path.read_text())["pass_costs"]
-                if not (isinstance(costs, list) and costs and all(isinstance(c, (int, float)) for c in costs)):
+                saved = json.loads(path.read_text())
+                costs, rows = saved["pass_costs"], saved["transposed_rows"]  # files before the kernel choice: again
+                if not (isinstance(costs, list) and costs and all(isinstance(c, (int, float)) for c in costs)
+                        and isinstance(rows, list) and all(isinstance(r, int) for r in rows)):
                     raise ValueError("malformed")
+                plan = PassPlan([float(c) for c in costs], frozenset(rows))
             except (OSError, ValueError, KeyError, TypeError):
                 self.notices.append("measuring this machine's verify-pass costs (once; kept under "
                                     f"{path.parent})")
-                costs = measure_pass_costs(lm.model, max_q=self.rt.config.generation.max_draft_tokens + 9)
+                plan = measure_pass_plan(lm.model, max_q=self.rt.config.generation.max_draft_tokens + 9)
                 try:
-                    atomic_write_bytes(path, json.dumps({"key": key, "pass_costs": costs}).encode())
+                    atomic_write_bytes(path, json.dumps({"key": key, "pass_costs": plan.costs,
+                                                         "transposed_rows": sorted(plan.transposed_rows)}).encode())
                 except OSError:
                     pass  # a read-only home: measured again next time
-            self._pass_costs = [float(c) for c in costs]
-        return self._pass_costs
+            self._pass_plan = plan
+        return self._pass_plan
 
     def warm_up(self) -> None:
         """A few untimed passes of each decoding path (the first passes of a process allocate and pick kernels)."""

@@ -148,7 +148,7 @@ def run_bench(runtime, questions: Sequence[BenchQuestion], max_new_tokens: int |
         "kvdb_copy": lambda ids, result, query: kvdb(ids, result, query, False),
         "kvdb_draft": lambda ids, result, query: kvdb(ids, result, query, True),
     }
-    answerer.pass_costs()  # measured (or read) before anything is timed
+    answerer.pass_plan()  # measured (or read) before anything is timed
     notices += answerer.notices
     # The first passes of a process are slow (allocation, kernel choice): warm every method once, untimed.
     result, ids, _ = answerer.prepare(questions[0].query, 4)

@@ -435,7 +435,7 @@ def _generate(rt, queries, many, top_k, domain, max_new_tokens, draft_path, no_d
     answerer.flush_notices()
     answer = answerer.answer_draft_only if draft_only else answerer.answer
     if not draft_only:
-        answerer.pass_costs()  # measured once per machine, before anything is timed
+        answerer.pass_plan()  # measured once per machine, before anything is timed
     if vs_greedy:
         answerer.warm_up()  # the first passes of a process are slow for any method: keep them out of the ratio
     answerer.flush_notices()

@@ -43,6 +43,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from kvdb.errors import ModelError, ValidationError
+from kvdb.kernels import transposed_rows
 
 # ----------------------------------------------------------------------------------------------------------------
 # Results and state
@@ -317,6 +318,7 @@ class DraftPolicy:
     max_sleep: int = 64
     probe_k: int = 2  # length cap when retrying after a back-off
     pass_costs: Sequence[float] | None = None  # measured: cost of a pass over q tokens / 1 token, q = 1, 2, ..
+    transposed_rows: frozenset[int] = frozenset()  # pass lengths run as (W @ x^T)^T (PassPlan, kvdb.kernels)
     # A draft must promise this much over a plain step: estimates of p and of pass costs are rough, and a marginal
     # draft that fails costs a whole padded pass (off-topic questions ran at 0.88x with 1.0).
     min_gain: float = 1.1
@@ -372,7 +374,7 @@ class DraftPolicy:
         """(cost, length) of the cheapest pass that verifies q tokens (padding allowed), in plain steps, with the
         extra over a plain step scaled by what this answer's passes cost (``observe_pass``)."""
         cost, length = self._pass_uncorrected(q)
-        return (1.0 + (cost - 1.0) * self._scale if length > 1 else cost), length
+        return (1.0 + (cost - 1.0) * self._scale if length > 1 and cost > 1.0 else cost), length
 
     def _pass_uncorrected(self, q: int) -> tuple[float, int]:
         costs = self.pass_costs
@@ -394,14 +396,14 @@ class DraftPolicy:
         return self._pass(k + 1)[1]
 
     def cost(self, k: int, draft_cost: float = 0.0) -> float:
-        """Time of drafting k tokens (``draft_cost`` each) and a verify pass over 1 + k tokens, in plain steps."""
-        if not k:
-            return 1.0
+        """Time of drafting k tokens (``draft_cost`` each) and a verify pass over 1 + k tokens, in plain one-token
+        steps. A step without a draft costs the cheapest pass (it is padded where a longer pass is faster)."""
         return self._pass(k + 1)[0] + draft_cost * k
 
     def gain(self, p: float, k: int, draft_cost: float = 0.0) -> float:
-        """Expected tokens per unit of time (a plain step = 1) for a k-token draft accepted per token with p."""
-        return expected_tokens(p, k) / self.cost(k, draft_cost)
+        """Expected tokens per unit of time for a k-token draft accepted per token with p, relative to a step
+        without one (1.0)."""
+        return expected_tokens(p, k) * self.cost(0) / self.cost(k, draft_cost)
 
     def best_k(self, p: float, cap: int, draft_cost: float = 0.0) -> tuple[int, float]:
         """(k, gain) maximising the gain for 1 <= k <= cap; (0, 1.0) when no draft beats a plain step by
@@ -649,12 +651,26 @@ def accept(state: DecodeState, draft: list[int], greedy: list[int]) -> int:
 # Measuring the cost model
 
 
+@dataclass(frozen=True)
+class PassPlan:
+    """This machine's verify passes: ``costs[q - 1]`` is the time of a pass over q tokens relative to a plain
+    one-token step (DraftPolicy.pass_costs), with the faster kernel for that length; ``transposed_rows`` are the
+    lengths computed as ``(W @ x^T)^T`` (kvdb.kernels), which won there."""
+
+    costs: list[float]
+    transposed_rows: frozenset[int] = frozenset()
+
+
 @torch.inference_mode()
-def measure_pass_costs(model, max_q: int = 33, context: int = 256, reps: int = 5) -> list[float]:
-    """Time of one cached forward pass over q = 1..max_q new tokens after ``context`` tokens, relative to q = 1
-    (DraftPolicy.pass_costs). ``reps`` rounds over every q, the median per q: interleaving spreads other work on the
-    machine over all lengths alike, and the median does not reward one lucky run (a fastest-of-3 table once made
-    a 5-token pass look 10% cheaper than it is, and weak drafts worth verifying)."""
+def measure_pass_plan(model, max_q: int = 33, context: int = 256, reps: int = 5,
+                      try_transposed: bool = True) -> PassPlan:
+    """Time one cached forward pass over q = 1..max_q new tokens after ``context`` tokens, with ``F.linear`` and
+    (``try_transposed``) with the transposed product, relative to the one-token ``F.linear`` pass that plain greedy
+    decoding runs. ``reps`` rounds over every q and kernel, the median per (q, kernel): interleaving spreads other
+    work on the machine over all of them alike, and the median does not reward one lucky run (a fastest-of-3 table
+    once made a 5-token pass look 10% cheaper than it is, and weak drafts worth verifying). The transposed kernel is
+    swept only where a probe of 2, 4 and 8 inputs finds it 10% faster somewhere, and a length takes it only where it
+    wins by 3%: near equal, the stock kernel is the one generate's own passes share."""
     device = next(model.parameters()).device
     vocab = model.get_output_embeddings().weight.shape[0]
     gen = torch.Generator().manual_seed(0)
@@ -673,11 +689,42 @@ def measure_pass_costs(model, max_q: int = 33, context: int = 256, reps: int = 5
         cache.crop(-q)
         return seconds
 
-    for q in (1, max_q):  # warm-up
-        once(q)
-    runs = [[once(q) for q in range(1, max_q + 1)] for _ in range(reps)]
-    typical = [statistics.median(times) for times in zip(*runs)]
-    return [round(t / typical[0], 4) for t in typical]
+    lengths = range(1, max_q + 1)
+    if try_transposed and max_q >= 2:
+        # A short probe first: where the stock kernel is as fast (this is common), the full sweep of the second
+        # kernel would double the measurement for nothing.
+        few = sorted({q for q in (2, 4, 8) if q <= max_q})
+        with transposed_rows(model, few):
+            [once(q) for q in few]  # warm-up
+            alt = [min(once(q) for _ in range(2)) for q in few]
+        stock = [min(once(q) for _ in range(2)) for q in few]
+        try_transposed = any(a < 0.9 * s for a, s in zip(alt, stock))
+    transposed = range(2, max_q + 1) if try_transposed else range(0)
+    stock_runs: list[list[float]] = []
+    transposed_runs: list[list[float]] = []
+    for rep in range(reps + 1):  # round 0 warms both kernels up
+        stock = [once(q) for q in lengths]
+        with transposed_rows(model, transposed):
+            other = [once(q) for q in transposed]
+        if rep:
+            stock_runs.append(stock)
+            transposed_runs.append(other)
+    stock_t = [statistics.median(times) for times in zip(*stock_runs)]
+    other_t = [statistics.median(times) for times in zip(*transposed_runs)] if transposed else []
+    unit = stock_t[0]
+    costs, chosen = [1.0], set()
+    for q in lengths[1:]:
+        t = stock_t[q - 1]
+        if other_t and other_t[q - 2] < 0.97 * t:
+            t = other_t[q - 2]
+            chosen.add(q)
+        costs.append(round(t / unit, 4))
+    return PassPlan(costs, frozenset(chosen))
+
+
+def measure_pass_costs(model, max_q: int = 33, context: int = 256, reps: int = 5) -> list[float]:
+    """``measure_pass_plan`` with ``F.linear`` only: the pass costs of the stock kernels."""
+    return measure_pass_plan(model, max_q, context, reps, try_transposed=False).costs
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -736,43 +783,44 @@ def speculative_generate(model, prompt_ids: list[int], max_new_tokens: int, eos_
     max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
     steps = drafted_total = accepted_total = 0
     try:
-        t0 = time.perf_counter()
-        state = prefill(model, prompt_ids, max_new_tokens, eos_ids, tap)
-        ttft = time.perf_counter() - t0
-        _emit(state, 0, on_tokens)
-        policy.start(sources, state.device)
-        used, n = None, 0
-        while True:
-            if observers and not state.done:
-                context = state.context
-                for i, observe in observers:
-                    mine = n if i == used else None
-                    if i in feature_sources:
-                        observe(context, mine, state.features)
-                    else:
-                        observe(context, mine)
-            if state.done:
-                break
-            used, draft = select_draft(state, sources, policy)
-            # Padding never runs past the model's positions (the cache holds prompt + output[:-1]).
-            room = max_positions - (len(state.prompt_ids) + len(state.output) - 1) - (len(draft) + 1)
-            pad = max(0, min(policy.pass_length(len(draft)) - 1 - len(draft), room))
-            t_pass = time.perf_counter()
-            greedy = verify(model, state, draft, tap, pad=pad)  # returns host ints: the pass has finished
-            policy.observe_pass(len(draft) + 1 + pad, time.perf_counter() - t_pass)
-            before = len(state.output)
-            n = accept(state, draft, greedy)
-            policy.update(used, draft, n)
-            steps += 1
-            if used is not None:
-                counts = per_source[sources[used].name]
-                counts["proposals"] += 1
-                counts["drafted"] += len(draft)
-                counts["accepted"] += n
-                drafted_total += len(draft)
-                accepted_total += n
-            _emit(state, before, on_tokens)
-        seconds = time.perf_counter() - t0
+        with transposed_rows(model, policy.transposed_rows):  # the kernels measured fastest per pass length
+            t0 = time.perf_counter()
+            state = prefill(model, prompt_ids, max_new_tokens, eos_ids, tap)
+            ttft = time.perf_counter() - t0
+            _emit(state, 0, on_tokens)
+            policy.start(sources, state.device)
+            used, n = None, 0
+            while True:
+                if observers and not state.done:
+                    context = state.context
+                    for i, observe in observers:
+                        mine = n if i == used else None
+                        if i in feature_sources:
+                            observe(context, mine, state.features)
+                        else:
+                            observe(context, mine)
+                if state.done:
+                    break
+                used, draft = select_draft(state, sources, policy)
+                # Padding never runs past the model's positions (the cache holds prompt + output[:-1]).
+                room = max_positions - (len(state.prompt_ids) + len(state.output) - 1) - (len(draft) + 1)
+                pad = max(0, min(policy.pass_length(len(draft)) - 1 - len(draft), room))
+                t_pass = time.perf_counter()
+                greedy = verify(model, state, draft, tap, pad=pad)  # returns host ints: the pass has finished
+                policy.observe_pass(len(draft) + 1 + pad, time.perf_counter() - t_pass)
+                before = len(state.output)
+                n = accept(state, draft, greedy)
+                policy.update(used, draft, n)
+                steps += 1
+                if used is not None:
+                    counts = per_source[sources[used].name]
+                    counts["proposals"] += 1
+                    counts["drafted"] += len(draft)
+                    counts["accepted"] += n
+                    drafted_total += len(draft)
+                    accepted_total += n
+                _emit(state, before, on_tokens)
+            seconds = time.perf_counter() - t0
     finally:
         if tap is not None:
             tap.close()
@@ -867,5 +915,5 @@ def greedy_generate(model, prompt_ids: list[int], max_new_tokens: int, eos_ids: 
 
 __all__ = ["COPY_PRIORS", "UNSURE_COPY_PRIORS", "CopySource", "DecodeState", "DraftPolicy", "DraftSource", "ExactAnswerSource",
            "GenerationResult", "Proposal", "accept", "draft_only_generate", "expected_tokens", "greedy_generate",
-           "measure_pass_costs", "prefill", "propose",
+           "PassPlan", "measure_pass_costs", "measure_pass_plan", "prefill", "propose",
            "select_draft", "speculative_generate", "verify"]

@@ -135,6 +135,10 @@ def _source_kinds(prompt, ref, vocab, rng):
         # A measured table where long passes are cheap: short drafts are verified in padded passes.
         "oracle-padded": ([Oracle(prompt, ref, vocab, corrupt=0.3, seed=3)],
                           DraftPolicy(pass_costs=[1.0, 3.0, 3.0, 3.0, 1.2, 3.0, 1.3, 1.4])),
+        # Passes of 2-12 inputs multiplied as (W @ x^T)^T, a one-token step padded to two (kvdb.kernels).
+        "transposed-kernels": ([Oracle(prompt, ref, vocab, corrupt=0.3, seed=5)],
+                               DraftPolicy(pass_costs=[1.0, 0.9, 1.0, 0.95, 1.1, 1.2, 1.3, 1.35],
+                                           transposed_rows=frozenset(range(2, 13)))),
     }
 
 
@@ -429,10 +433,24 @@ def test_policy_corrects_the_table_by_the_passes_it_times():
 
 
 def test_measured_pass_costs_are_relative_to_one_token(models):
-    from kvdb.decode import measure_pass_costs
+    from kvdb.decode import measure_pass_costs, measure_pass_plan
 
     costs = measure_pass_costs(models["llama"], max_q=6, context=16, reps=1)
     assert len(costs) == 6 and costs[0] == 1.0 and all(c > 0 for c in costs)
+    plan = measure_pass_plan(models["llama"], max_q=6, context=16, reps=1)
+    assert len(plan.costs) == 6 and plan.costs[0] == 1.0 and plan.transposed_rows <= set(range(2, 7))
+    assert "forward" not in vars(models["llama"].lm_head)  # the kernels are only swapped while timing
+
+
+def test_a_padded_plain_step_is_the_unit_drafts_must_beat():
+    policy = DraftPolicy(pass_costs=[1.0, 0.9, 1.0, 0.95, 1.2])
+    policy.start([], torch.device("cpu"))
+    assert policy.pass_length(0) == 2 and policy.cost(0) == pytest.approx(0.9)  # a plain step runs 2 inputs
+    assert policy.cost(1) == pytest.approx(0.9)
+    assert policy.gain(0.0, 1) == pytest.approx(1.0)  # a draft that is never right gains nothing...
+    assert policy.best_k(0.05, 4) == (0, 1.0)  # ...and a nearly useless one is not verified
+    k, gain = policy.best_k(0.6, 4)
+    assert k == 3 and gain == pytest.approx(expected_tokens(0.6, 3) * 0.9 / 0.95)
 
 
 def test_policy_weighs_what_a_draft_costs_to_make():
