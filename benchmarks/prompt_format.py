@@ -20,6 +20,12 @@ oracle copy speedup median / share of answer tokens from the top reference):
     prefer     1.39x / 0.31   1.10x / 0.03
     history    1.43x / 0.22   1.12x / 0.04   (references as earlier chat turns, no instruction)
 
+And `--per-workload 6 --variants current,recorded-turn`, the base model's own answer to the top pair's question as an
+earlier exchange before the question (so a paraphrase might be answered as the stored question was): paraphrased
+1.40x -> 1.31x median oracle copy, unanswerable 1.12x -> 1.33x (measured 2026-12-01). Printed per question, one
+paraphrase ("Can you explain what a black hole is?") went 1.46x -> 3.74x, the other five were answered afresh much
+as before; none of the 12 was retrieved confidently. Not a lever for SmolLM2-135M either.
+
 A 135M model hardly follows "repeat the reference": every wording leaves ~70-80% of a paraphrase's answer in its
 own words, and no variant lifts even the oracle copy bound near 2x, so kvdb keeps ``ref-v1`` (a change of format
 would also void every recorded answer and trained draft). Worth re-running for a larger base model.
@@ -65,6 +71,9 @@ def history_messages(question, references):
 
 
 LAYOUTS = {"history": history_messages}
+# The current format plus the base model's own answer to the top pair's question as an earlier exchange (needs that
+# answer, so it is built in main rather than by a build_messages stand-in).
+RECORDED_TURN = "recorded-turn"
 
 
 def from_reference(answer: list[int], reference: list[int], n: int = 3) -> float:
@@ -83,7 +92,7 @@ def main() -> None:
     ap.add_argument("--home", default=None)
     ap.add_argument("--per-workload", type=int, default=12)
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--variants", default=",".join([*VARIANTS, *LAYOUTS]))
+    ap.add_argument("--variants", default=",".join([*VARIANTS, *LAYOUTS, RECORDED_TURN]))
     ap.add_argument("--show", type=int, default=3, help="answers to print per variant and workload")
     args = ap.parse_args()
     rt = Runtime.open(args.home)
@@ -96,7 +105,8 @@ def main() -> None:
         if name in LAYOUTS:
             prompt_mod.INSTRUCTION, prompt_mod.build_messages = VARIANTS["current"], LAYOUTS[name]
         else:
-            prompt_mod.INSTRUCTION, prompt_mod.build_messages = VARIANTS[name], BUILD_MESSAGES
+            prompt_mod.INSTRUCTION = VARIANTS["current" if name == RECORDED_TURN else name]
+            prompt_mod.build_messages = BUILD_MESSAGES
         rows: dict[str, list[tuple[float, float, int]]] = {}
         shown: dict[str, int] = {}
         for q in questions:
@@ -104,8 +114,17 @@ def main() -> None:
             answer = greedy_generate(lm.model, ids, n, lm.eos_ids).output_ids
             copies = [lm.encode(m.answer) for m in result.matches]
             if result.matches:  # the recorded answer to the top pair's own question, under this instruction
-                _, own_ids, _ = answerer.prepare(result.matches[0].question, args.max_new_tokens)
-                copies.append(greedy_generate(lm.model, own_ids, n, lm.eos_ids).output_ids)
+                top = result.matches[0]
+                _, own_ids, _ = answerer.prepare(top.question, args.max_new_tokens)
+                own = greedy_generate(lm.model, own_ids, n, lm.eos_ids).output_ids
+                copies.append(own)
+                if name == RECORDED_TURN:
+                    messages = BUILD_MESSAGES(q.query, [prompt_mod.Reference(m.question, m.answer)
+                                                        for m in result.matches])
+                    turn = [{"role": "user", "content": top.question},
+                            {"role": "assistant", "content": lm.decode([t for t in own if t not in lm.eos_ids])}]
+                    ids = lm.chat_ids(messages[:1] + turn + messages[1:], add_generation_prompt=True)
+                    answer = greedy_generate(lm.model, ids, n, lm.eos_ids).output_ids
             speed, _ = oracle_copy(CopySource(copies, search_context=True), ids, answer, costs)
             grounded = from_reference(answer, copies[0]) if copies else 0.0
             rows.setdefault(q.workload, []).append((speed, grounded, len(answer)))

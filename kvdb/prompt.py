@@ -7,7 +7,8 @@ answers and trained drafts are keyed by it.
 
 The wording matters for speed, since decoding is lossless against greedy decoding of this very prompt: a model that
 repeats the reference can be copied. benchmarks/prompt_format.py measured four wordings and a chat-history layout on
-SmolLM2-135M; none moved the copyable share of paraphrase answers beyond noise (oracle copy bound 1.28-1.43x).
+SmolLM2-135M, and the model's own answer to the top pair's question as an earlier exchange; none moved the copyable
+share of paraphrase answers beyond noise (oracle copy bound 1.28-1.43x).
 """
 
 from __future__ import annotations
