@@ -282,9 +282,10 @@ class DraftPolicy:
     only 1.45), so a short draft is padded to the cheap length, which cannot change the outputs of the positions
     before the padding. Without a table: ``1 + draft_overhead + token_cost * k`` (k >= 1). Making a draft adds its
     source's ``token_cost`` per token. A draft whose tokens are each accepted with
-    probability p then yields ``gain = expected_tokens(p, k) / cost(k)`` tokens per unit of time against 1 for a
-    plain step, and we verify the k that maximises it, or nothing when no gain exceeds 1 (a plain step costs
-    exactly what greedy decoding costs).
+    probability p then yields ``gain = expected_tokens(p, k) * cost(0) / cost(k)`` against 1 for a step without a
+    draft, and we verify the k that maximises it, or nothing when no gain reaches ``min_gain``. ``cost(0)`` is the
+    cheapest pass that verifies one token: 1 (greedy decoding's own step) unless the table finds a 2-input pass
+    faster, as it can with the transposed kernel (``PassPlan``); then plain steps are padded too.
 
     Which source: cheap sources (lookups) are asked every step; each proposal is judged with the acceptance estimate
     of its (source, key) and cut to its best k. A costly source (a learned draft) is asked only when the gain its own
