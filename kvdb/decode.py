@@ -696,7 +696,8 @@ def measure_pass_plan(model, max_q: int = 33, context: int = 256, reps: int = 5,
         # kernel would double the measurement for nothing.
         few = sorted({q for q in (2, 4, 8) if q <= max_q})
         with transposed_rows(model, few):
-            [once(q) for q in few]  # warm-up
+            for q in few:  # warm-up
+                once(q)
             alt = [min(once(q) for _ in range(2)) for q in few]
         stock = [min(once(q) for _ in range(2)) for q in few]
         try_transposed = any(a < 0.9 * s for a, s in zip(alt, stock))
