@@ -111,14 +111,15 @@ def main() -> None:
         shown: dict[str, int] = {}
         for q in questions:
             result, ids, n = answerer.prepare(q.query, args.max_new_tokens)
-            answer = greedy_generate(lm.model, ids, n, lm.eos_ids).output_ids
+            turned = name == RECORDED_TURN and bool(result.matches)  # answered below, under the longer prompt
+            answer = [] if turned else greedy_generate(lm.model, ids, n, lm.eos_ids).output_ids
             copies = [lm.encode(m.answer) for m in result.matches]
             if result.matches:  # the recorded answer to the top pair's own question, under this instruction
                 top = result.matches[0]
                 _, own_ids, _ = answerer.prepare(top.question, args.max_new_tokens)
                 own = greedy_generate(lm.model, own_ids, n, lm.eos_ids).output_ids
                 copies.append(own)
-                if name == RECORDED_TURN:
+                if turned:
                     messages = BUILD_MESSAGES(q.query, [prompt_mod.Reference(m.question, m.answer)
                                                         for m in result.matches])
                     turn = [{"role": "user", "content": top.question},
