@@ -244,12 +244,13 @@ class Answerer:
                            transposed_rows=plan.transposed_rows if plan else frozenset())
 
     def pass_costs(self) -> list[float] | None:
+        """The pass-cost table of ``pass_plan`` alone (what the copy-ceiling benchmarks price passes with)."""
         plan = self.pass_plan()
         return plan.costs if plan else None
 
     def pass_plan(self) -> PassPlan | None:
         """Cost of a verify pass by length and the kernel for each, measured once per model, device, dtype and
-        thread count and kept under KVDB_HOME/models (~10 s on a CPU); None where it cannot be measured."""
+        thread count and kept under KVDB_HOME/models (17-30 s on 2 CPU cores); None where it cannot be measured."""
         if self._pass_plan is None:
             import json
 

@@ -698,9 +698,9 @@ def measure_pass_plan(model, max_q: int = 33, context: int = 256, reps: int = 5,
         with transposed_rows(model, few):
             for q in few:  # warm-up
                 once(q)
-            alt = [min(once(q) for _ in range(2)) for q in few]
-        stock = [min(once(q) for _ in range(2)) for q in few]
-        try_transposed = any(a < 0.9 * s for a, s in zip(alt, stock))
+            probe_alt = [min(once(q) for _ in range(2)) for q in few]
+        probe_stock = [min(once(q) for _ in range(2)) for q in few]
+        try_transposed = any(a < 0.9 * s for a, s in zip(probe_alt, probe_stock))
     transposed = range(2, max_q + 1) if try_transposed else range(0)
     stock_runs: list[list[float]] = []
     transposed_runs: list[list[float]] = []
