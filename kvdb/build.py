@@ -11,7 +11,7 @@ transaction, so an interrupted build resumes where it stopped and never leaves h
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +25,7 @@ from kvdb.config import Config, Home
 from kvdb.embed import load_embedder
 from kvdb.identity import EmbedderRef, ModelRef, resolve_embedder, resolve_model
 from kvdb.errors import ValidationError
-from kvdb.lm import LM, load_model, pad_right
+from kvdb.lm import LM, LayerTap, load_model, pad_right
 from kvdb.store.blobs import pack
 from kvdb.store.db import Store
 from kvdb.store.models import Embedding, ModelInfo, Pair, PairVectors
@@ -85,35 +85,13 @@ def pair_sequence(lm: LM, pair: PairText) -> PairTokens:
     return PairTokens(pair, prompt + answer + [lm.eos_ids[0]], len(prompt))
 
 
-class LayerTap:
-    """Forward hooks that keep the output of chosen decoder layers for one forward pass."""
-
-    def __init__(self, lm: LM, layers: list[int]):
-        self.layers = layers
-        self.outputs: dict[int, torch.Tensor] = {}
-        self._handles = [lm.layers[layer - 1].register_forward_hook(self._hook(layer)) for layer in layers]
-
-    def _hook(self, layer: int) -> Callable:
-        def hook(_module, _inputs, output):
-            self.outputs[layer] = output[0] if isinstance(output, tuple) else output
-
-        return hook
-
-    def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-
-
 @torch.inference_mode()
 def layer_states(lm: LM, seqs: list[list[int]], layers: list[int]) -> list[dict[str, torch.Tensor]]:
     """One padded forward pass over the token lists ``seqs``; per sequence {layer_<L>: [T, H]} on the CPU (fp16)."""
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.eos_ids[0]
     ids, mask = pad_right(seqs, pad)  # [B, T] each
-    tap = LayerTap(lm, layers)
-    try:
+    with LayerTap(lm.model, layers) as tap:
         lm.decoder(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
-    finally:
-        tap.close()
     states = {layer: tap.outputs[layer].to("cpu", torch.float16) for layer in layers}  # [B, T, H] each
     return [{f"layer_{layer}": states[layer][i, : len(s)].clone() for layer in layers} for i, s in enumerate(seqs)]
 

@@ -44,6 +44,7 @@ import torch
 
 from kvdb.errors import ModelError, ValidationError
 from kvdb.kernels import transposed_rows
+from kvdb.lm import LayerTap, new_cache
 
 # ----------------------------------------------------------------------------------------------------------------
 # Results and state
@@ -513,52 +514,15 @@ class DraftPolicy:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Feature capture for learned drafts
-
-
-class _LayerTap:
-    """Forward hooks keeping the output of chosen decoder layers (before the final norm) for the last pass."""
-
-    def __init__(self, model, layers: Sequence[int]):
-        blocks = getattr(model.get_decoder(), "layers", None)
-        if blocks is None:
-            raise ModelError(f"{type(model).__name__}: cannot find its decoder layers to capture draft features")
-        for layer in layers:
-            if not 1 <= layer <= len(blocks):
-                raise ValidationError(f"a draft source wants layer {layer}, but the model has layers 1..{len(blocks)}")
-        self.outputs: dict[int, torch.Tensor] = {}
-        self._handles = [blocks[layer - 1].register_forward_hook(self._hook(layer)) for layer in layers]
-
-    def _hook(self, layer: int) -> Callable:
-        def hook(_module, _inputs, output):
-            self.outputs[layer] = output[0] if isinstance(output, tuple) else output  # [1, q, H]
-
-        return hook
-
-    def rows(self, m: int) -> dict[int, torch.Tensor]:
-        return {layer: out[0, :m] for layer, out in self.outputs.items()}  # layer -> [m, H]
-
-    def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # The phases
 
 
-def _new_cache(model):
-    from transformers import DynamicCache
-
-    return DynamicCache(config=model.config)
-
-
 def prefill(model, prompt_ids: list[int], max_new_tokens: int = 1, eos_ids: Sequence[int] = (),
-            tap: _LayerTap | None = None) -> DecodeState:
+            tap: LayerTap | None = None) -> DecodeState:
     """Run the prompt through the model into a fresh cache; the first new token is the argmax of the last logits."""
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # [1, T]
-    cache = _new_cache(model)
+    cache = new_cache(model)
     only_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     out = model(input_ids=ids, cache=cache, use_cache=True, **only_last)  # logits [1, 1 or T, V]
     first = out.logits[0, -1].argmax(-1).item()
@@ -605,7 +569,7 @@ def select_draft(state: DecodeState, sources: Sequence[DraftSource],
     return best_index, best
 
 
-def verify(model, state: DecodeState, draft: list[int], tap: _LayerTap | None = None, pad: int = 0) -> list[int]:
+def verify(model, state: DecodeState, draft: list[int], tap: LayerTap | None = None, pad: int = 0) -> list[int]:
     """ONE forward pass over [last accepted token] + draft on the cache; the base model's argmax after each input.
 
     ``pad`` extra inputs make the pass longer where a longer pass is faster (DraftPolicy.pass_length); causal
@@ -677,7 +641,7 @@ def measure_pass_plan(model, max_q: int = 33, context: int = 256, reps: int = 5,
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab, (1, context), generator=gen).to(device)  # [1, C]
     probe = torch.randint(0, vocab, (1, max_q), generator=gen).to(device)  # [1, max_q]
-    cache = _new_cache(model)
+    cache = new_cache(model)
     model(input_ids=prompt, cache=cache, use_cache=True)
 
     def once(q: int) -> float:
@@ -781,7 +745,7 @@ def speculative_generate(model, prompt_ids: list[int], max_new_tokens: int, eos_
     feature_sources = {i for i, s in enumerate(sources) if getattr(s, "wants_features", ())}
     observers = [(i, s.observe) for i, s in enumerate(sources) if callable(getattr(s, "observe", None))]
     per_source = {s.name: {"proposals": 0, "drafted": 0, "accepted": 0} for s in sources}
-    tap = _LayerTap(model, layers) if layers else None  # no hooks at all when nobody asks for features
+    tap = LayerTap(model, layers) if layers else None  # no hooks at all when nobody asks for features
     max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
     steps = drafted_total = accepted_total = 0
     try:

@@ -19,12 +19,13 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from kvdb.config import Home, ModelConfig
-from kvdb.errors import ModelError
+from kvdb.errors import ModelError, ValidationError
 from kvdb.identity import ModelRef, resolve_model
 
 
@@ -131,10 +132,7 @@ class LM:
 
     @property
     def layers(self):
-        layers = getattr(self.decoder, "layers", None)
-        if layers is None:
-            raise ModelError(f"{self.ref.name}: cannot find its decoder layers (expected model.layers)")
-        return layers
+        return decoder_layers(self.model)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.ref.name, "source": self.ref.source, "fingerprint": self.fingerprint,
@@ -163,6 +161,60 @@ class LM:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def decoder_layers(model) -> Any:
+    """The decoder blocks of a Hugging Face causal LM (``model.get_decoder().layers``)."""
+    blocks = getattr(model.get_decoder(), "layers", None)
+    if blocks is None:
+        raise ModelError(f"{type(model).__name__}: cannot find its decoder layers (expected model.layers)")
+    return blocks
+
+
+class LayerTap:
+    """Forward hooks that keep the output of chosen decoder layers (1-based, before the final norm) for the last
+    forward pass: ``outputs[layer]`` is [B, T, H]. The one implementation of the layer-output hook; close() removes
+    the hooks (use it as a context manager)."""
+
+    def __init__(self, model, layers: Sequence[int]):
+        blocks = decoder_layers(model)
+        for layer in layers:
+            if not 1 <= layer <= len(blocks):
+                raise ValidationError(f"layer {layer} was asked for, but the model has layers 1..{len(blocks)}")
+        self.layers = list(layers)
+        self.outputs: dict[int, torch.Tensor] = {}
+        self._handles = [blocks[layer - 1].register_forward_hook(self._hook(layer)) for layer in self.layers]
+
+    def _hook(self, layer: int) -> Callable:
+        def hook(_module, _inputs, output):
+            self.outputs[layer] = output[0] if isinstance(output, tuple) else output  # [B, T, H]
+
+        return hook
+
+    def rows(self, m: int) -> dict[int, torch.Tensor]:
+        """The first ``m`` positions of the first sequence: layer -> [m, H]."""
+        return {layer: out[0, :m] for layer, out in self.outputs.items()}
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self) -> "LayerTap":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def new_cache(model):
+    """An empty KV cache for ``model`` (transformers' DynamicCache, sized from its config where it takes one)."""
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:
+        return DynamicCache()
 
 
 def pad_right(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:

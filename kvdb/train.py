@@ -69,6 +69,7 @@ from kvdb.errors import (
 from kvdb.export import load_cache
 from kvdb.answer_file import answer_file, read_answer_file, write_answer_file
 from kvdb.fileio import atomic_write_bytes
+from kvdb.lm import new_cache
 from kvdb.prompt import PROMPT_FORMAT, Reference, prompt_ids
 
 DRAFT_LENGTHS = (1, 2, 4, 8)
@@ -505,15 +506,6 @@ def _common_prefix(prompts: Sequence[Sequence[int]]) -> int:
     return n
 
 
-def _new_cache(model):
-    from transformers import DynamicCache
-
-    try:
-        return DynamicCache(config=model.config)
-    except TypeError:
-        return DynamicCache()
-
-
 @dataclass
 class GroupedDecode:
     answers: list[list[list[int]]]  # per group, per prompt: the generated ids
@@ -553,7 +545,7 @@ def decode_grouped(lm, groups: Sequence[Sequence[Sequence[int]]], max_new_tokens
                 ids[i, width - c:] = torch.tensor(list(g[0][:c]))
                 mask[i, width - c:] = 1
         ids, mask = ids.to(dev), mask.to(dev)
-        cache = _new_cache(model)
+        cache = new_cache(model)
         prefix_states = None
         if width:
             pos = (mask.cumsum(-1) - 1).clamp(min=0)

@@ -211,7 +211,7 @@ def test_on_tokens_streams_exactly_the_output(models, monkeypatch):
     def no_hooks(*_args):
         raise AssertionError("hooks registered although no source wants features")
 
-    monkeypatch.setattr(kvdb.decode, "_LayerTap", no_hooks)
+    monkeypatch.setattr(kvdb.decode, "LayerTap", no_hooks)
     model = models["llama"]
     prompt = [12, 40, 41, 99, 5, 6]
     eos = [model.generation_config.eos_token_id]
