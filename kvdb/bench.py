@@ -137,7 +137,7 @@ def run_bench(runtime, questions: Sequence[BenchQuestion], max_new_tokens: int |
 
     def kvdb(ids, result, query, learned):
         sources = answerer.sources(ids, result, query, book, learned=learned)
-        return speculative_generate(model, ids, max_new_tokens, lm.eos_ids, sources, answerer.policy())
+        return speculative_generate(answerer.engine, ids, max_new_tokens, lm.eos_ids, sources, answerer.policy())
 
     plans: dict[str, Callable] = {
         "greedy": lambda ids, result, query: greedy_generate(model, ids, max_new_tokens, lm.eos_ids),
