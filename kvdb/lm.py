@@ -209,9 +209,10 @@ class LayerTap:
         self.close()
 
 
-# The first transformers release whose KV cache can be rolled back after a verify pass and whose models take the
-# cache under a keyword kvdb can find (``cache_keyword``); setup.cfg's lower bound says the same.
-MIN_TRANSFORMERS = "5.0.0"
+# The oldest transformers kvdb runs on, as setup.cfg's lower bound says: the first release whose models take their
+# KV cache as ``cache=``, the keyword every forward call that does not go through ``cache_keyword`` passes (an
+# earlier release would drop it into **kwargs and silently run without the cache).
+MIN_TRANSFORMERS = "5.24.0"
 
 
 def check_transformers() -> None:

@@ -52,7 +52,7 @@ def check_plain_greedy(model, prompt_len: int) -> None:
         if not any(value is n or value == n for n in neutral):
             _refuse_setting(name, value)
     min_length = getattr(config, "min_length", None) or 0
-    if min_length > prompt_len + 1:  # generate suppresses eos while the whole sequence is shorter than min_length
+    if min_length > prompt_len:  # generate suppresses eos while the whole sequence is shorter than min_length
         _refuse_setting("min_length", min_length)
 
 
@@ -72,7 +72,11 @@ def check_rollback(model, cache) -> None:
     plain = {DynamicLayer} | {k for k in kinds if k.__name__ == "DummyLayer"}  # DummyLayer stores nothing
     if DynamicSlidingWindowLayer in kinds:
         if not callable(getattr(cache, "activate_past_recording", None)):
-            _refuse_cache(model, "sliding-window layers (this transformers release cannot roll them back)")
+            import transformers
+
+            raise ModelError(f"{type(model).__name__} has sliding-window layers, which transformers "
+                             f"{transformers.__version__} cannot roll back after a rejected draft; upgrade "
+                             "transformers (pip install -U 'transformers<6')")
         cache.activate_past_recording()  # keep full states until each crop, so a crop can cut the rejected rows
         plain.add(DynamicSlidingWindowLayer)
     other = sorted(k.__name__ for k in kinds - plain)
