@@ -4,7 +4,7 @@ For each question the base model's greedy answer is computed once; then decoding
 source kvdb uses (retrieved answers, recorded answers of the retrieved pairs, the context), but with an oracle
 policy: at each step it takes the copy proposal (up to 16 tokens) only when at least one of its tokens would be
 accepted, and otherwise does a plain step. Time is counted in plain-step units from this machine's measured pass
-costs (kvdb.decode.measure_pass_costs). No real policy can beat this bound, which says how much of an answer copying
+costs (kvdb.passcost.measure_pass_costs). No real policy can beat this bound, which says how much of an answer copying
 can cover at all.
 
 Beside it, the real DraftPolicy replayed on the same answer with the same sources (copies, no learned draft) and the

@@ -275,8 +275,8 @@ class Answerer:
             from kvdb.passcost import measure_pass_plan
 
             lm = self.lm
-            key = (f"{lm.fingerprint[:16]}-{lm.device.type}-{str(lm.dtype).replace('torch.', '')}"
-                   f"-t{torch.get_num_threads()}")
+            key = (f"{lm.fingerprint[:16]}-{self.engine.name}-{lm.device.type}"
+                   f"-{str(lm.dtype).replace('torch.', '')}-t{torch.get_num_threads()}")
             path = self.rt.home.models_dir / "pass_costs" / f"{key}.json"
             try:
                 saved = json.loads(path.read_text())

@@ -73,9 +73,9 @@ class DraftPolicy:
 
     The table is measured once, at one context length, on a machine that may be busy, and verify passes after a
     long prompt cost more. So the loop times every pass of this answer (``observe_pass``) and the extra cost of a
-    pass over a plain step is scaled by what was seen: ``cost(q) = 1 + (table(q) - 1) * s``, s = (W + sum of observed extra) / (W + sum of the
-    table's extra) over the passes seen, W = ``cost_prior_weight`` (the table's weight, in plain steps of extra
-    cost), once ``cost_min_plain`` plain steps give the unit.
+    pass over a plain step is scaled by what was seen: ``cost(q) = 1 + (table(q) - 1) * s``, s = (W + sum of
+    observed extra) / (W + sum of the table's extra) over the passes seen, W = ``cost_prior_weight`` (the table's
+    weight, in plain steps of extra cost), once ``cost_min_plain`` plain steps give the unit.
 
     Estimates: p is the share of accepted tokens among accepted tokens and rejections, counted on top of the
     proposal's prior (``prior_weight`` pseudo-counts); evidence fades by ``decay`` per step, so a source that fell

@@ -123,8 +123,8 @@ class TransformersEngine:
 
     def describe(self) -> dict[str, Any]:
         params = next(self.model.parameters())
-        return {"engine": self.name, "fingerprint": self.fingerprint, "architecture": type(self.model).__name__, "dtype": str(params.dtype),
-                "device": str(self.device), "threads": torch.get_num_threads()}
+        return {"engine": self.name, "fingerprint": self.fingerprint, "architecture": type(self.model).__name__,
+                "dtype": str(params.dtype), "device": str(self.device), "threads": torch.get_num_threads()}
 
     # -- layer taps for learned drafts --
 
