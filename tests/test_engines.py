@@ -253,3 +253,10 @@ def test_a_second_engine_plugs_into_the_loop_and_feature_sources_are_skipped(mod
     plain = greedy_generate(engine, prompt, 30, [0])
     assert plain.output_ids == ref and plain.stats["drafted"] == 0 and plain.stats["engine"] == "no-cache"
     assert greedy_generate(model, prompt, 30, [0]).stats["engine"] == "transformers"
+
+
+def test_pass_costs_are_measured_through_any_engine(models):
+    from kvdb.passcost import measure_pass_plan
+
+    plan = measure_pass_plan(NoCacheEngine(models["llama"]), max_q=4, context=8, reps=1)
+    assert len(plan.costs) == 4 and plan.costs[0] == 1.0 and not plan.transposed_rows  # it has one kernel
