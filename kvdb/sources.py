@@ -33,7 +33,10 @@ class DraftSource(Protocol):
       needs. Then ``observe(context, n_accepted, features)`` gets ``{layer: Tensor [m, H]}`` for the m positions
       that entered the KV cache in that forward pass: ``context[-1 - m : -1]`` (after prefill: the whole prompt;
       after a step: the previous last token plus the accepted draft). The last context token is never included: it
-      is the base model's own choice and is run by the next pass.
+      is the base model's own choice and is run by the next pass. On an engine that cannot tap its layers (no
+      ``tap``, kvdb.engines.base) such a source is skipped with a notice.
+    A source that raises, in ``propose`` or ``observe``, is reported in the answer's notices and not asked again
+    for that answer: the steps it would have drafted are plain steps.
     """
 
     name: str
