@@ -167,6 +167,22 @@ def test_a_cache_that_cannot_roll_back_is_refused(monkeypatch):
     TransformersEngine(_sliding_model(None))  # full attention needs no past recording
 
 
+def test_a_hybrid_cache_with_recurrent_state_is_refused():
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "Qwen3NextConfig"):
+        pytest.skip("this transformers has no Qwen3-Next")
+    from transformers import AutoModelForCausalLM
+
+    config = transformers.Qwen3NextConfig(
+        vocab_size=100, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
+        linear_value_head_dim=16, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=32,
+        shared_expert_intermediate_size=32, layer_types=["linear_attention", "full_attention"])
+    model = AutoModelForCausalLM.from_config(config).eval()  # linear attention keeps a recurrent state per layer
+    with pytest.raises(ModelError, match="LinearAttentionLayer.*cannot roll back"):
+        speculative_generate(model, [1, 2, 3], 4, [0])
+
+
 # --- generation settings ----------------------------------------------------------------------------------------
 
 
