@@ -7,8 +7,8 @@ guess in ONE pass over its KV cache, and we keep what it would have chosen anywa
 
     state = prefill(engine, prompt)                     # context = prompt, output = [first greedy token]
     while not done:
-        draft  = select_draft(state, sources, policy)   # d_1..d_k, any guess at all (may be empty): which source
-                                                        # and how many tokens, DraftPolicy (kvdb.policy) decides
+        draft  = select_draft(state, sources, policy)   # d_1..d_k = propose(state, source, k), any guess at all
+                                                        # (may be empty); DraftPolicy (kvdb.policy) picks source, k
         greedy = verify(engine, state, draft)           # g_0..g_k: the engine's argmax after each input
         n      = accept(engine, state, draft, greedy)   # keep d_1..d_n, then append g_n; roll the rest back
 
