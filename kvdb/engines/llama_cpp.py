@@ -189,6 +189,10 @@ class LlamaCppEngine:
             raise ModelError("llama.cpp refused to drop KV cells from this context")
         del self._ids[n_positions:], self._argmax[n_positions:]
 
+    def tokenize(self, text: str, add_bos: bool = False) -> list[int]:
+        """llama.cpp's own tokenization of ``text`` (special tokens such as <|im_start|> parsed as such)."""
+        return list(self._model.tokenize(text.encode(), add_bos, True))
+
     # ---- plain greedy decoding: the baseline kvdb's output must equal ----
 
     def greedy(self, prompt_ids: Sequence[int], max_new_tokens: int, eos_ids: Collection[int] = ()) -> list[int]:
