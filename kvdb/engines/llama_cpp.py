@@ -20,17 +20,16 @@ batch on the exact build).
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import re
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from kvdb.engines.statecache import PrefixState, describe_key
 from kvdb.errors import CorruptError, ModelError, ValidationError
 from kvdb.identity import sha256_file
 
@@ -41,7 +40,7 @@ def import_llama_cpp():
     """The llama_cpp module, or a ModelError that says how to install it."""
     try:
         import llama_cpp
-        import llama_cpp._internals  # noqa: F401  (the model, context and batch wrappers)
+        import llama_cpp._internals  # the model, context and batch wrappers
         from llama_cpp import _logger
     except ImportError:
         raise ModelError("the llama.cpp engine needs llama-cpp-python: run `make install` (it builds llama.cpp "
@@ -69,24 +68,6 @@ def exact_build() -> bool:
     """True when this llama.cpp build computes every row of a batched pass like a one-token step."""
     ident = build_identity()
     return not ident["llamafile"] and not ident["repack"]
-
-
-def describe_key(describe: dict[str, Any]) -> str:
-    """The canonical text of a describe() dict (what stored results are keyed by)."""
-    return json.dumps(describe, sort_keys=True, separators=(",", ":"))
-
-
-@dataclass(frozen=True)
-class PrefixState:
-    """The KV state of a context holding exactly ``token_ids``, made by the engine whose describe() is ``engine``.
-
-    ``next_token`` is the engine's greedy token after the last of them, so a prompt equal to ``token_ids`` needs no
-    model call at all."""
-
-    token_ids: tuple[int, ...]
-    engine: str  # describe_key(describe()) of the engine that saved it
-    kv: bytes
-    next_token: int
 
 
 class LlamaCppEngine:
@@ -167,8 +148,7 @@ class LlamaCppEngine:
         if not prompt_ids:
             raise ValidationError("the prompt is empty; give at least one token")
         self._clear()
-        self._decode(list(prompt_ids), all_rows=False)
-        return int(self._argmax[-1])
+        return self.extend(prompt_ids)
 
     def verify(self, tokens: Sequence[int], pad: int = 0) -> list[int]:
         """One pass over ``tokens`` (``pad`` is ignored: on the CPU a longer pass is never cheaper)."""
@@ -245,9 +225,14 @@ class LlamaCppEngine:
         if tuple(prompt_ids[:n]) != state.token_ids:
             raise ValueError("the prefix state's tokens do not begin this prompt")
         first = self.restore_state(state)
-        if len(prompt_ids) == n:
-            return first
-        self._decode(list(prompt_ids[n:]), all_rows=False)
+        return self.extend(prompt_ids[n:]) if len(prompt_ids) > n else first
+
+    def extend(self, tokens: Sequence[int]) -> int:
+        """Append ``tokens`` as prompt (llama.cpp computes logits for the last row only); the greedy token after
+        the last of them. With an empty context this is ``prefill``."""
+        if not tokens:
+            raise ValidationError("nothing to append; give at least one token")
+        self._decode(list(tokens), all_rows=False)
         return int(self._argmax[-1])
 
     def state_bytes_per_token(self, state: PrefixState) -> float:
