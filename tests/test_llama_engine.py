@@ -86,6 +86,19 @@ def test_verify_rows_equal_one_token_steps_bitwise(engine, k):
         assert engine.n_positions == len(prompt) + len(tokens)
 
 
+def test_prompts_and_passes_longer_than_n_batch_are_split_exactly(engine, gguf):
+    """With n_batch 16 a 61-token prompt and a 32-token pass run as several llama.cpp batches: same rows."""
+    prompt = prompts(engine.vocab_size)[2]
+    tokens = engine.greedy(prompt, 32, eos_ids=())
+    first = engine.prefill(prompt)
+    expected = engine.verify_logits(tokens)
+    with LlamaCppEngine(gguf, n_ctx=512, n_threads=2, n_batch=16) as small:
+        assert small.describe()["n_batch"] == 16
+        assert small.prefill(prompt) == first
+        assert np.array_equal(small.verify_logits(tokens), expected)
+        assert small.n_positions == len(prompt) + len(tokens)
+
+
 def accept(draft: list[int], greedy: list[int]) -> list[int]:
     """The longest draft prefix equal to the engine's greedy choices, plus the engine's own next token."""
     n = 0

@@ -213,8 +213,8 @@ class LlamaCppEngine:
         top = self._lib.llama_memory_seq_pos_max(self._ctx.memory, 0)
         if loaded == 0 or top != len(state.token_ids) - 1:
             self._clear()
-            raise CorruptError(f"a prefix state of {len(state.token_ids)} tokens did not load into llama.cpp "
-                               f"(loaded {loaded} bytes, last position {top}); it will be recomputed")
+            raise CorruptError(f"a saved prefix state of {len(state.token_ids)} tokens did not load into llama.cpp "
+                               f"(loaded {loaded} bytes, last position {top}): it is damaged or from another build")
         self._ids = list(state.token_ids)
         self._argmax = [None] * (len(self._ids) - 1) + [state.next_token]
         return state.next_token

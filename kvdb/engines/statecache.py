@@ -261,7 +261,7 @@ def prefill_with_states(engine: StatefulEngine, cache: StateCache, prompt_ids: S
         try:
             nxt, done = engine.restore_state(hit), len(hit.token_ids)
         except CorruptError as exc:
-            log.warning("%s", exc)
+            log.warning("%s; recomputing the prefix", exc)
             cache.drop(hit)
     for cut in (c for c in cuts if c > done):
         nxt = engine.prefill(prompt_ids[:cut]) if done == 0 else engine.extend(prompt_ids[done:cut])
