@@ -237,6 +237,22 @@ def test_describe_changes_with_threads_and_model(engine, gguf, tmp_path):
         assert e.describe()["model"] == "f" * 64
 
 
+def test_engine_from_a_resolved_model_source(gguf, tmp_path):
+    from kvdb.config import Home, ModelConfig
+    from kvdb.identity import resolve_model
+
+    home = Home.resolve(tmp_path / "home")
+    ref = resolve_model(ModelConfig(source=str(gguf.parent), gguf_file=gguf.name), home)
+    with LlamaCppEngine.from_ref(ref, n_ctx=256, n_threads=1) as e:
+        assert e.describe()["model"] == ref.fingerprint and e.max_positions == 256
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"0")
+    with pytest.raises(ModelError, match="needs a GGUF"):
+        LlamaCppEngine.from_ref(resolve_model(ModelConfig(source=str(folder)), home))
+
+
 def test_errors_are_one_line_kvdb_errors(engine, gguf, tmp_path, monkeypatch):
     with pytest.raises(ModelError, match="does not exist"):
         LlamaCppEngine(tmp_path / "missing.gguf")

@@ -31,7 +31,7 @@ import numpy as np
 
 from kvdb.engines.statecache import PrefixState, describe_key
 from kvdb.errors import CorruptError, ModelError, ValidationError
-from kvdb.identity import sha256_file
+from kvdb.identity import ModelRef, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,14 @@ class LlamaCppEngine:
         if not exact_build():
             log.warning("llama.cpp was built with LLAMAFILE or CPU REPACK on: batched verification can differ "
                         "from one-token greedy decoding at near-ties; rebuild with `make install`")
+
+    @classmethod
+    def from_ref(cls, ref: ModelRef, **settings: Any) -> LlamaCppEngine:
+        """The engine for a resolved model source (kvdb.identity.resolve_model); only GGUF sources have one."""
+        if ref.gguf_path is None:
+            raise ModelError(f"the llama.cpp engine needs a GGUF model, and {ref.source} is not one; "
+                             "set model.engine to transformers")
+        return cls(ref.gguf_path, fingerprint=ref.fingerprint, **settings)
 
     def _load_model(self):
         params = self._lib.llama_model_default_params()
