@@ -113,6 +113,22 @@ def test_memory_and_disk_are_bounded_lru(tmp_path):
     assert fresh.get(list(states[4].token_ids), ENGINE_A) == states[4]
 
 
+def test_check_counts_and_fixes_stale_and_corrupt_files(tmp_path):
+    cache = StateCache(tmp_path)
+    for ids in ([1, 2], [3, 4], [5, 6]):
+        cache.put(fake(ids))
+    cache.put(fake([1, 2], engine=ENGINE_B))  # made before a setting changed
+    broken = tmp_path / f"{state_key(fake([3, 4]))}{SUFFIX}"
+    broken.write_bytes(broken.read_bytes()[:-3])
+    moved = tmp_path / f"{'0' * 64}{SUFFIX}"
+    (tmp_path / f"{state_key(fake([5, 6]))}{SUFFIX}").rename(moved)
+    assert cache.check() == {"ok": 2, "other_engine": 0, "corrupt": 2}
+    assert cache.check(ENGINE_A) == {"ok": 1, "other_engine": 1, "corrupt": 2}
+    assert cache.check(ENGINE_A, fix=True) == {"ok": 1, "other_engine": 1, "corrupt": 2}
+    assert cache.check(ENGINE_A) == {"ok": 1, "other_engine": 0, "corrupt": 0}
+    assert StateCache(tmp_path).get([1, 2], ENGINE_A) == fake([1, 2])
+
+
 def test_unwritable_directory_keeps_states_in_memory(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")

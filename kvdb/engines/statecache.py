@@ -232,7 +232,29 @@ class StateCache:
                     out.append((st.st_mtime_ns, st.st_size, path))
         return out
 
-    # ---- reporting ----
+    # ---- reporting and repair ----
+
+    def check(self, engine_key: str | None = None, fix: bool = False) -> dict[str, int]:
+        """Read every state file and count the intact ones (of ``engine_key`` when given), those of other engines
+        (stale once the model, build or settings changed) and the corrupt or misplaced ones; ``fix`` deletes all
+        but the intact ones."""
+        counts = {"ok": 0, "other_engine": 0, "corrupt": 0}
+        for _, _, path in self._file_entries():
+            try:
+                state = decode_state(path.read_bytes())
+                kind = "ok" if engine_key is None or state.engine == engine_key else "other_engine"
+                if path.name != f"{state_key(state)}{SUFFIX}":
+                    kind = "corrupt"
+            except CorruptError:
+                kind = "corrupt"
+            except OSError:
+                continue  # removed meanwhile
+            counts[kind] += 1
+            if fix and kind != "ok":
+                with contextlib.suppress(OSError):
+                    path.unlink()
+        return counts
+
 
     def usage(self) -> dict[str, float]:
         """Entries and bytes held, and the KV bytes per cached token (what a prefix costs to keep)."""
