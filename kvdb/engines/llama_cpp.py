@@ -42,9 +42,9 @@ def import_llama_cpp():
         import llama_cpp
         import llama_cpp._internals  # the model, context and batch wrappers
         from llama_cpp import _logger
-    except ImportError:
-        raise ModelError("the llama.cpp engine needs llama-cpp-python: run `make install` (it builds llama.cpp "
-                         "with exact batched rows once)") from None
+    except (ImportError, OSError, RuntimeError):  # not installed, or its shared library does not load
+        raise ModelError("the llama.cpp engine needs a working llama-cpp-python: run `make install` (it builds "
+                         "llama.cpp with exact batched rows once)") from None
     _logger.set_verbose(False)  # llama.cpp's own load chatter goes nowhere; its errors still reach stderr
     return llama_cpp
 
