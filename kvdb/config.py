@@ -35,6 +35,11 @@ class ModelConfig:
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     # None keeps the model's own default system prompt (if its template has one).
     system_prompt: str | None = None
+    # The engine that answers (kvdb.engines): auto (llama.cpp for a GGUF source on the CPU when llama-cpp-python is
+    # installed, transformers otherwise), transformers, or llama_cpp. Env KVDB_ENGINE wins.
+    engine: str = "auto"
+    # CPU threads of the llama.cpp engine; 0: as many as torch uses.
+    threads: int = 0
 
 
 @dataclass(frozen=True)
@@ -158,6 +163,15 @@ class TrainingConfig:
 
 
 @dataclass(frozen=True)
+class PrefixStatesConfig:
+    # Keep the llama.cpp engine's KV state of recurring prompt prefixes (the instruction, the system turn with its
+    # references, whole prompts) and restore it instead of recomputing it; exact, keyed by token ids and engine.
+    enabled: bool = True
+    memory_mb: int = 256  # in-process LRU
+    disk_mb: int = 2048  # under KVDB_HOME/models/states; oldest files go first
+
+
+@dataclass(frozen=True)
 class GenerationConfig:
     max_new_tokens: int = 128
     max_draft_tokens: int = 16
@@ -173,6 +187,7 @@ class Config:
     draft: DraftConfig = field(default_factory=DraftConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    prefix_states: PrefixStatesConfig = field(default_factory=PrefixStatesConfig)
     source: str = "built-in defaults"  # where it was read from; not a YAML key
 
 
