@@ -20,6 +20,7 @@ from kvdb.decode import (COPY_PRIORS, UNSURE_COPY_PRIORS, CopySource, DraftPolic
 from kvdb.errors import ForeignFileError, KvdbError, NotBuiltError, ValidationError
 from kvdb.lm import LM, load_model
 from kvdb.prompt import Reference, prompt_ids
+from kvdb.recorded import AnswerBook, AnswerRequest
 from kvdb.retrieve import QueryResult, Retriever
 from kvdb.runtime import Runtime
 from kvdb.store.pairs import normalise
@@ -87,7 +88,7 @@ class StoreKnowledge:
                     out.append(unpack(row.data, row.checksum, "base answer")["output_ids"].tolist())
                 except KvdbError:
                     continue  # a damaged recording only costs speed; kvdb doctor reports it
-        if self._file_book is None:  # one book: it reads the file again only when it has changed
+        if self._file_book is None:
             self._file_book = self.answer_book(self.rt.config.generation.max_new_tokens)
         return out + self._file_book.answers_about(hashes)
 
@@ -98,8 +99,6 @@ class StoreKnowledge:
 
     def answer_book(self, max_new_tokens: int):
         """Where answers to exact prompts are looked up and recorded."""
-        from kvdb.train import AnswerBook
-
         return AnswerBook(self.rt, self.lm, max_new_tokens, replace_stored=False)
 
 
@@ -159,8 +158,6 @@ class Answerer:
 
     def sources(self, ids: list[int], result: QueryResult, query: str, book, learned: bool = True) -> list:
         """The draft sources for one prompt: a recorded answer to it, copies, and the learned draft (``learned``)."""
-        from kvdb.train import AnswerRequest
-
         sources: list = []
         if book is not None:
             request = AnswerRequest(prompt=ids, pair_hash=self._own_pair(result, query))
@@ -203,8 +200,6 @@ class Answerer:
     def answer(self, query: str, max_new_tokens: int | None = None, top_k: int | None = None,
                domain: str | None = None, on_tokens: Callable[[list[int]], None] | None = None,
                record: bool = True, learned: bool = True) -> Answer:
-        from kvdb.train import AnswerRequest
-
         result, ids, max_new_tokens = self.prepare(query, max_new_tokens, top_k, domain)
         book = self.knowledge.answer_book(max_new_tokens)
         sources = self.sources(ids, result, query, book, learned)

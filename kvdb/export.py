@@ -34,13 +34,13 @@ from typing import Any
 import torch
 from sqlalchemy import insert, select
 
-from kvdb.answer_file import answer_file, answers_by_pair, merge_answer_file
 from kvdb.config import Config, Home
 from kvdb.errors import CorruptError, ForeignFileError, NotBuiltError, NotFoundError, StoreError, ValidationError
 from kvdb.fileio import atomic_path, write_error
 from kvdb.store.blobs import unpack
 from kvdb.store.db import Store
 from kvdb.prompt import PROMPT_FORMAT
+from kvdb.recorded import Recording, merge_recordings, recordings_by_pair
 from kvdb.store.models import BaseAnswer, Domain, Embedding, ModelInfo, Pair, PairVectors
 from kvdb.store.pairs import check_domain, domain_id
 
@@ -186,7 +186,7 @@ def _pair_rows(session, kind: str, fingerprint: str, embedder: str, dom_id: int 
 
 
 def _cache_object(session, model: ModelInfo, layers: list[int], embedder_key: str, embedder_dim: int,
-                  domain: str, dom_id: int | None, variants: dict[str, dict[str, dict]]) -> dict[str, Any]:
+                  domain: str, dom_id: int | None, variants: dict[str, list[Recording]]) -> dict[str, Any]:
     def rows(kind: str):  # a fresh pass each time
         return _pair_rows(session, kind, model.fingerprint, embedder_key, dom_id)
 
@@ -208,9 +208,9 @@ def _cache_object(session, model: ModelInfo, layers: list[int], embedder_key: st
 
     def variant_answers() -> Iterator[list[dict[str, Any]]]:
         for (h,) in rows("hashes"):
-            yield [{"prompt_format": PROMPT_FORMAT, "key": key, "max_new_tokens": int(e.get("max_new_tokens", 0)),
-                    "finished": bool(e.get("finished")), "output_ids": torch.tensor(e["output"], dtype=torch.int32)}
-                   for key, e in variants.get(h, {}).items()]
+            yield [{"prompt_format": PROMPT_FORMAT, "key": r.key, "max_new_tokens": r.max_new_tokens,
+                    "finished": r.finished, "output_ids": torch.tensor(r.output, dtype=torch.int32)}
+                   for r in variants.get(h, [])]
 
     def tensors(kind: str) -> Iterator[Any]:
         for h, *cols in rows(kind):
@@ -264,7 +264,7 @@ def export_caches(config: Config, home: Home, store: Store, domain: str = "all",
     if not _writable(out):
         raise StoreError(f"the export folder {out} is not writable")
     written = []
-    variants = answers_by_pair(answer_file(home, ref.fingerprint))
+    variants = recordings_by_pair(store, ref.fingerprint)
     with store.read() as session:
         model = session.get(ModelInfo, ref.fingerprint)
         if model is None:
@@ -332,6 +332,17 @@ def load_cache(path: str | Path) -> dict[str, Any]:
         if not isinstance(obj.get(key), list) or len(obj[key]) != n:
             raise ForeignFileError(f"{path} is damaged: '{key}' does not have one entry per pair")
     return obj
+
+
+def pair_tensors(obj: dict[str, Any], i: int) -> tuple[dict[str, torch.Tensor], int]:
+    """Pair ``i``'s stored vectors in a loaded cache, as the store keeps them ({"token_ids": int32 [T],
+    "layer_<L>": fp16 [T, H]}), and its answer start."""
+    vectors = obj["token_vectors"][i]
+    if not isinstance(vectors, dict):
+        raise ForeignFileError(f"the cache's vectors of pair {i} are not a mapping of layers; export it again")
+    tensors = {str(k): v for k, v in vectors.items() if isinstance(v, torch.Tensor)}
+    tensors["token_ids"] = torch.as_tensor(obj["token_ids"][i]).to(torch.int32)
+    return tensors, int(obj["answer_starts"][i])
 
 
 def recorded_entry(obj: dict[str, Any], i: int) -> dict[str, Any] | None:
@@ -435,7 +446,7 @@ class ImportReport:
     embeddings: int = 0
     vectors_skipped_reason: str | None = None
     base_answers: int = 0
-    variant_answers: int = 0  # answers to rephrasings added to the home's answer file
+    variant_answers: int = 0  # answers to rephrasings added to the store's recorded answers
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -493,11 +504,11 @@ def import_cache(config: Config, home: Home, store: Store, path: str | Path,
         for i, item in enumerate(items):
             h = item.hash
             if reuse_vectors and h not in have_vec:
-                tensors = {"token_ids": obj["token_ids"][i].to(torch.int32), **obj["token_vectors"][i]}
+                tensors, answer_start = pair_tensors(obj, i)
                 data, digest = pack(tensors)
                 vec_rows.append(dict(pair_hash=h, fingerprint=ref.fingerprint, layers=list(model["layers"]),
-                                     num_tokens=int(tensors["token_ids"].numel()),
-                                     answer_start=int(obj["answer_starts"][i]), data=data, checksum=digest))
+                                     num_tokens=int(tensors["token_ids"].numel()), answer_start=answer_start,
+                                     data=data, checksum=digest))
                 have_vec.add(h)
                 report.vectors += 1
             if reuse_emb and h not in have_emb:
@@ -521,13 +532,11 @@ def import_cache(config: Config, home: Home, store: Store, path: str | Path,
                 if on_progress:
                     on_progress(i + 1)
         write_chunk()
+        if reuse_vectors:  # answers to rephrasings, in the same transaction as the pairs they are about
+            recs = [Recording(e["key"], e["output_ids"].tolist(), e["finished"], e["max_new_tokens"], item.hash)
+                    for i, item in enumerate(items) for e in variant_entries(obj, i)]
+            report.variant_answers = merge_recordings(session, ref.fingerprint, recs)
 
     added = add_pairs(store, items, config.store, after=extra)
     report.added, report.skipped = added.added, added.skipped
-    if reuse_vectors:  # after the pairs are committed: an answer file entry about a pair never outlives a failed import
-        variants = {e["key"]: {"output": e["output_ids"].tolist(), "finished": e["finished"],
-                               "max_new_tokens": e["max_new_tokens"], "pair": item.hash}
-                    for i, item in enumerate(items) for e in variant_entries(obj, i)}
-        if variants:
-            report.variant_answers = merge_answer_file(answer_file(home, ref.fingerprint), variants)
     return report

@@ -83,7 +83,7 @@ def test_migrations_up_down_and_up_again(pg_server, pg_kv: Kvdb, pg_url):
     assert _pg_tables(pg_server, pg_url) == {"alembic_version"}
     pg_kv("db", "upgrade")
     status = pg_kv.json("db", "status")
-    assert status["current"] == status["head"] == "0002" and status["up_to_date"]
+    assert status["current"] == status["head"] == "0003" and status["up_to_date"]
 
 
 def test_models_match_migrations_on_postgres(pg_url):
@@ -219,7 +219,7 @@ def test_first_use_by_several_threads_migrates_once(pg_url):
     for t in threads:
         t.join()
     assert errors == [] and len(stores) == 4
-    assert {s.current_revision() for s in stores} == {"0002"}
+    assert {s.current_revision() for s in stores} == {"0003"}
     for s in stores:
         s.dispose()
 
