@@ -27,7 +27,7 @@ from kvdb.answer import Answerer  # noqa: E402
 from kvdb.bench import default_questions  # noqa: E402
 from kvdb.decode import CopySource, DecodeState, DraftPolicy, greedy_generate, select_draft  # noqa: E402
 from kvdb.runtime import Runtime  # noqa: E402
-from kvdb.train import AnswerBook  # noqa: E402
+from kvdb.recorded import AnswerBook  # noqa: E402
 
 
 def replay_policy(answerer: Answerer, book, query: str, result, ids: list[int], answer: list[int],
