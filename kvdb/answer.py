@@ -67,7 +67,7 @@ class StoreKnowledge:
 
     def __init__(self, rt: Runtime, lm: LM):
         self.rt, self.lm = rt, lm
-        self._file_book = None
+        self._book = None
         self.retriever = Retriever(rt.config, rt.home, rt.store, lm=lm, model_fingerprint=lm.fingerprint)
 
     def recorded_answers(self, hashes: list[str]) -> list[list[int]]:
@@ -88,9 +88,9 @@ class StoreKnowledge:
                     out.append(unpack(row.data, row.checksum, "base answer")["output_ids"].tolist())
                 except KvdbError:
                     continue  # a damaged recording only costs speed; kvdb doctor reports it
-        if self._file_book is None:
-            self._file_book = self.answer_book(self.rt.config.generation.max_new_tokens)
-        return out + self._file_book.answers_about(hashes)
+        if self._book is None:
+            self._book = self.answer_book(self.rt.config.generation.max_new_tokens)
+        return out + self._book.answers_about(hashes)
 
     def pair_knowledge(self, draft, hashes: list[str]):
         from kvdb.draft import load_knowledge

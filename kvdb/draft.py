@@ -356,10 +356,6 @@ class DraftCache:
             self.keys[i] = self.keys[i][..., :length, :]
             self.values[i] = self.values[i][..., :length, :]
 
-    def reset(self) -> None:
-        self.keys.clear()
-        self.values.clear()
-
 
 def _cache_kwarg(layer: nn.Module) -> str:
     """The name transformers gives the cache argument of a decoder layer (it changed across versions)."""
@@ -425,9 +421,6 @@ class DraftModel(nn.Module):
     @property
     def head_weight(self) -> torch.Tensor:
         return self._shared["head"].weight
-
-    def all_layers(self) -> list[nn.Module]:
-        return [*self._shared["frozen"], *self.layers]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

@@ -26,7 +26,7 @@ from kvdb.config import Config, DraftConfig
 from kvdb.draft import PairKnowledge, load_recorded_knowledge
 from kvdb.errors import CorruptError, ForeignFileError, NotBuiltError, ValidationError
 from kvdb.export import load_cache, pair_tensors
-from kvdb.prompt import PROMPT_FORMAT, Reference, prompt_ids
+from kvdb.prompt import Reference, prompt_ids
 from kvdb.recorded import AnswerBook, AnswerRequest
 from kvdb.teacher import answer_states, compute_answers, fill_answer_states
 
@@ -345,19 +345,3 @@ def prepare(runtime, lm, draft_cfg: DraftConfig, cache: str | os.PathLike | None
             "seconds_answers": round(t_ans - t0, 2), "seconds_answer_states": round(t_states - t_ans, 2)}
     return Prepared(train, heldout, sources.knowledge, sources, info)
 
-
-def record_base_answers(runtime, lm, references_for: ReferencesFor | None = None, hashes: Sequence[str] | None = None,
-                        batch_size: int | None = None, progress: bool = False) -> dict[str, Any]:
-    """Compute and store the base model's greedy answers to the store's pairs' own questions (missing ones only),
-    under the prompt `kvdb query --generate` builds: the question with its retrieved pairs as references."""
-    cfg = runtime.config
-    sources = load_store_sources(runtime, lm.fingerprint, cfg.draft.num_sampled_layers, lm.num_layers)
-    pairs = [p for p in sources.pairs if hashes is None or p.hash in set(hashes)]
-    refs = references_for or default_references(runtime, lm, sources, cfg.index.top_k)
-    if hasattr(refs, "prime"):
-        refs.prime([p.question for p in pairs])
-    requests = [AnswerRequest(prompt_ids(lm, p.question, list(refs(p.question))), pair_hash=p.hash) for p in pairs]
-    t0 = time.perf_counter()
-    book = AnswerBook(runtime, lm, cfg.generation.max_new_tokens)
-    counts = compute_answers(book, requests, batch_size or cfg.training.answer_batch_size, progress)
-    return {**counts, "pairs": len(pairs), "prompt_format": PROMPT_FORMAT, "seconds": time.perf_counter() - t0}

@@ -164,6 +164,10 @@ def test_checkpoint_round_trip_and_refusals(lm, lms, tmp_path):
 
     with pytest.raises(ForeignFileError, match="num_sampled_layers"):
         load_draft(path, lm, DraftConfig(num_sampled_layers=3))
+    eagle = tmp_path / "eagle.pth"  # a draft trained to read the base model's features, which kvdb dropped
+    torch.save({**raw, "draft_config": {**raw["draft_config"], "use_base_features": True}}, eagle)
+    with pytest.raises(ForeignFileError, match="train a new draft"):
+        load_draft(eagle, lm)
     with pytest.raises(ForeignFileError, match="trained for"):
         load_draft(path, lms["qwen3"])
     foreign = tmp_path / "other.pth"

@@ -134,3 +134,21 @@ def test_a_damaged_answer_file_is_refused_and_kept(tmp_path):
     with pytest.raises(StoreError, match="move it away"):
         AnswerBook(rt, fake_lm(), 12)
     assert path.read_text() == "{not json"  # never lost
+
+
+def test_doctor_checks_recorded_answers(tmp_path):
+    """A recorded answer whose bytes were changed is reported, and --repair deletes it (a later query records it
+    again)."""
+    from sqlalchemy import update
+
+    from kvdb.doctor import check
+    from kvdb.store.models import RecordedAnswer
+
+    rt = Runtime.open(tmp_path / "home")
+    AnswerBook(rt, fake_lm(), 12).record([AnswerRequest(prompt=[1, 2, 3], output=[4, EOS])])
+    with rt.store.write() as session:
+        session.execute(update(RecordedAnswer).values(data=b"tampered"))
+    found = [f for f in check(rt).findings if f.check == "blobs"]
+    assert found and found[0].status == "problem" and "recorded answer" in found[0].detail
+    assert [f.status for f in check(rt, repair=True).findings if f.check == "blobs"] == ["repaired"]
+    assert read_recordings(rt.store, FINGERPRINT, [prompt_key([1, 2, 3])]) == {}

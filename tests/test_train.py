@@ -18,7 +18,6 @@ from kvdb.runtime import Runtime
 from kvdb.store.pairs import add_pairs, validate
 from kvdb.evaluate import simulate_steps, summarise
 from kvdb.train import train
-from kvdb.train_data import record_base_answers
 from tests.tiny import make_model, write_tiny_config
 
 SECTIONS = {"build": {"batch_size": 8}}
@@ -92,6 +91,21 @@ def test_training_lowers_the_loss_and_writes_its_outputs(trained):
     assert ckpt["epoch"] == 2 and ckpt["fingerprint"] and ckpt["draft_config"]["num_sampled_layers"] == 2
     assert ckpt["optimizer"]["state"] and "heldout" in ckpt["metrics"]
     assert not list(out.glob(".*.tmp"))
+
+
+def record_base_answers(rt, lm) -> dict[str, int]:
+    """The base model's answers to the store's pairs' own questions under generation's own retrieval (re-ranked as
+    configured), computed where missing."""
+    from kvdb.prompt import prompt_ids
+    from kvdb.recorded import AnswerBook, AnswerRequest
+    from kvdb.teacher import compute_answers
+    from kvdb.train_data import default_references, load_store_sources
+
+    sources = load_store_sources(rt, lm.fingerprint, rt.config.draft.num_sampled_layers, lm.num_layers)
+    refs = default_references(rt, lm, sources, rt.config.index.top_k)
+    requests = [AnswerRequest(prompt_ids(lm, p.question, list(refs(p.question))), pair_hash=p.hash)
+                for p in sources.pairs]
+    return compute_answers(AnswerBook(rt, lm, rt.config.generation.max_new_tokens), requests, 4)
 
 
 def test_base_answers_are_stored_greedy_and_reused(trained):
@@ -201,6 +215,21 @@ def test_bad_input_is_refused_clearly(trained, built, tmp_path, model_dir):
     with pytest.raises(NotBuiltError, match="kvdb build"):
         train(Runtime.open(rt.home.root, write_config(tmp_path / "other", other_model)), out=tmp_path / "o4",
               progress=False)
+
+
+def test_settings_of_removed_experiments_are_refused_by_name(tmp_path):
+    """Sampled answers, soft targets, base features and extra contexts are gone: an old config naming one of their
+    keys gets an error naming that key."""
+    from kvdb.config import load_config
+    from kvdb.errors import ConfigError
+
+    for section, key in (("training", "soft_target_weight"), ("training", "samples_per_question"),
+                         ("training", "unroll_steps"), ("training", "contexts_per_question"),
+                         ("draft", "use_base_features"), ("draft", "stop_threshold")):
+        path = tmp_path / f"{key}.yaml"
+        path.write_text(f"{section}:\n  {key}: 1\n")
+        with pytest.raises(ConfigError, match=f"unknown key '{section}.{key}'"):
+            load_config(path)
 
 
 def test_simulated_acceptance_follows_leviathan():
