@@ -46,7 +46,15 @@ def record_many(home: str, worker: int, count: int, barrier) -> None:
     rt.store.dispose()
 
 
-def test_concurrent_recorders_lose_no_recording(tmp_path):
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request, monkeypatch) -> str:
+    """One SQLite home, or a fresh PostgreSQL database (skipped where no server can run), for every process."""
+    if request.param == "postgresql":
+        monkeypatch.setenv("KVDB_DATABASE_URL", request.getfixturevalue("pg_url"))
+    return request.param
+
+
+def test_concurrent_recorders_lose_no_recording(tmp_path, database):
     home, workers, count = str(tmp_path / "home"), 4, 12
     Runtime.open(home).store.dispose()  # created and migrated once, before the writers start
     ctx = multiprocessing.get_context("spawn")
