@@ -336,5 +336,6 @@ def report(r: dict) -> None:
     for name, s in r["estimated_speedup"].items():
         print(f"estimated speedup, {name}: " + ", ".join(f"k={k} {v:.2f}x" for k, v in s.items()))
 
+
 if __name__ == "__main__":
     main()
