@@ -24,6 +24,7 @@ from kvdb.lm import LM, load_model
 from kvdb.passcost import PassPlan
 from kvdb.policy import DraftPolicy
 from kvdb.prompt import Reference, prefix_boundaries, prompt_ids
+from kvdb.recorded import AnswerBook, AnswerRequest
 from kvdb.retrieve import QueryResult, Retriever
 from kvdb.runtime import Runtime
 from kvdb.sources import COPY_PRIORS, UNSURE_COPY_PRIORS, CopySource, ExactAnswerSource
@@ -72,7 +73,7 @@ class StoreKnowledge:
 
     def __init__(self, rt: Runtime, lm: LM):
         self.rt, self.lm = rt, lm
-        self._file_book = None
+        self._book = None
         self.retriever = Retriever(rt.config, rt.home, rt.store, lm=lm, model_fingerprint=lm.fingerprint)
 
     def recorded_answers(self, hashes: list[str]) -> list[list[int]]:
@@ -93,9 +94,9 @@ class StoreKnowledge:
                     out.append(unpack(row.data, row.checksum, "base answer")["output_ids"].tolist())
                 except KvdbError:
                     continue  # a damaged recording only costs speed; kvdb doctor reports it
-        if self._file_book is None:  # one book: it reads the file again only when it has changed
-            self._file_book = self.answer_book(self.rt.config.generation.max_new_tokens)
-        return out + self._file_book.answers_about(hashes)
+        if self._book is None:
+            self._book = self.answer_book(self.rt.config.generation.max_new_tokens)
+        return out + self._book.answers_about(hashes)
 
     def pair_knowledge(self, draft, hashes: list[str]):
         from kvdb.draft import load_knowledge
@@ -104,8 +105,6 @@ class StoreKnowledge:
 
     def answer_book(self, max_new_tokens: int):
         """Where answers to exact prompts are looked up and recorded."""
-        from kvdb.train import AnswerBook
-
         return AnswerBook(self.rt, self.lm, max_new_tokens, replace_stored=False)
 
 
@@ -169,8 +168,6 @@ class Answerer:
 
     def sources(self, ids: list[int], result: QueryResult, query: str, book, learned: bool = True) -> list:
         """The draft sources for one prompt: a recorded answer to it, copies, and the learned draft (``learned``)."""
-        from kvdb.train import AnswerRequest
-
         sources: list = []
         if book is not None:
             request = AnswerRequest(prompt=ids, pair_hash=self._own_pair(result, query))
@@ -213,8 +210,6 @@ class Answerer:
     def answer(self, query: str, max_new_tokens: int | None = None, top_k: int | None = None,
                domain: str | None = None, on_tokens: Callable[[list[int]], None] | None = None,
                record: bool = True, learned: bool = True) -> Answer:
-        from kvdb.train import AnswerRequest
-
         result, ids, max_new_tokens = self.prepare(query, max_new_tokens, top_k, domain)
         book = self.knowledge.answer_book(max_new_tokens)
         sources = self.sources(ids, result, query, book, learned)
