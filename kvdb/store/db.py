@@ -26,7 +26,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from kvdb.errors import SchemaError, StoreError
 from kvdb.store.models import StoreState
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent.parent / "migrations"
+# Alembic's scripts: kvdb/migrations is a link to the checkout's top-level migrations/ and a real folder in a
+# wheel, so a checkout, an editable install and an installed wheel all run the same scripts from here.
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 # The newest migration, so that opening a store at head needs one SELECT and not Alembic's script loader (half a
 # second of imports on every command); tests/test_migrations.py checks it against the migrations folder.
 SCHEMA_HEAD = "0002"
