@@ -9,7 +9,7 @@ greedy decoding. Three kinds of draft feed the verifier (kvdb.decode picks per s
 
 from __future__ import annotations
 
-import sys
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +23,8 @@ from kvdb.prompt import Reference, prompt_ids
 from kvdb.retrieve import QueryResult, Retriever
 from kvdb.runtime import Runtime
 from kvdb.store.pairs import normalise
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -291,5 +293,5 @@ class Answerer:
     def flush_notices(self) -> None:
         self.retriever.flush_notices()
         for notice in self.notices:
-            print(f"notice: {notice}", file=sys.stderr)
+            log.warning(notice)
         self.notices.clear()

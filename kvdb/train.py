@@ -380,7 +380,8 @@ class AnswerBook:
         from sqlalchemy import delete
 
         from kvdb.store.blobs import pack
-        from kvdb.store.models import BaseAnswer, ModelInfo, Pair
+        from kvdb.store.basemodels import ensure_model
+        from kvdb.store.models import BaseAnswer, Pair
 
         eos = set(self.lm.eos_ids)
         stored = [r for r in requests if r.pair_hash and r.output is not None]
@@ -389,11 +390,8 @@ class AnswerBook:
                 from sqlalchemy import select
 
                 alive = set(session.scalars(select(Pair.hash).where(Pair.hash.in_([r.pair_hash for r in stored]))))
-                if session.get(ModelInfo, self.lm.fingerprint) is None:
-                    session.add(ModelInfo(fingerprint=self.lm.fingerprint, name=self.lm.ref.name,
-                                          source=self.lm.ref.source, hidden_size=self.lm.hidden_size,
-                                          num_layers=self.lm.num_layers, info=self.lm.describe()))
-                    session.flush()
+                ensure_model(session, self.lm.fingerprint, name=self.lm.ref.name, source=self.lm.ref.source,
+                             hidden_size=self.lm.hidden_size, num_layers=self.lm.num_layers, info=self.lm.describe())
                 for r in stored:
                     if r.pair_hash not in alive:
                         continue

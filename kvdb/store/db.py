@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import sqlite3
 from collections.abc import Iterator
@@ -25,6 +26,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from kvdb.errors import SchemaError, StoreError
 from kvdb.store.models import StoreState
+
+log = logging.getLogger(__name__)
 
 # Alembic's scripts: kvdb/migrations is a link to the checkout's top-level migrations/ and a real folder in a
 # wheel, so a checkout, an editable install and an installed wheel all run the same scripts from here.
@@ -345,6 +348,7 @@ class Store:
         if current is None:
             with self._migration_lock():
                 if self.current_revision() is None:  # another process may have migrated while we waited
+                    log.info("creating the store schema at %s (revision %s)", self.where, head)
                     self._run_alembic("upgrade", "head")
             return
         from alembic.script import ScriptDirectory
