@@ -364,8 +364,10 @@ def _check_temp_files(report: Report, root: Path, repair: bool, min_age_s: float
         return
     now = time.time()
     orphans, busy = [], []
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
+    for dirpath, dirs, files in os.walk(root):
+        temp_dirs = [d for d in dirs if TEMP_RE.match(d)]  # kvdb.fileio.atomic_dir's, judged whole
+        dirs[:] = [d for d in dirs if d not in temp_dirs]
+        for name in [*temp_dirs, *files]:
             if not TEMP_RE.match(name):
                 continue
             path = Path(dirpath) / name
@@ -380,7 +382,10 @@ def _check_temp_files(report: Report, root: Path, repair: bool, min_age_s: float
         rel = path.relative_to(root)
         if repair:
             try:
-                path.unlink()
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
                 report.add("temp_files", REPAIRED, f"removed {rel}, left by an interrupted write")
             except FileNotFoundError:
                 pass

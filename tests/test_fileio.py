@@ -47,3 +47,24 @@ def test_failed_atomic_dir_leaves_nothing(tmp_path):
         (tmp / "model.safetensors").write_bytes(b"half")
         raise OSError("disk full")
     assert os.listdir(tmp_path) == []
+
+
+def test_doctor_judges_a_temp_folder_whole(tmp_path):
+    """An atomic_dir folder a kill left behind (a converted model half written) is one orphan, removed with its files;
+    one whose writer is alive is left alone."""
+    from kvdb.doctor import Report, _check_temp_files
+
+    models = tmp_path / "models"
+    dead = models / f".tiny-abc.{2 ** 22 + 12345}.a1b2c3d4.tmp"  # a pid above any default pid_max
+    (dead / "sub").mkdir(parents=True)
+    (dead / "sub" / "model.safetensors").write_bytes(b"half")
+    live = models / f".other.{os.getppid()}.a1b2c3d4.tmp"  # the process that started this one: alive
+    live.mkdir()
+    report = Report()
+    _check_temp_files(report, tmp_path, repair=True, min_age_s=0.0)
+    assert [(f.status, f.detail) for f in report.findings] == [
+        ("repaired", f"removed models/{dead.name}, left by an interrupted write")]
+    assert not dead.exists() and live.is_dir()
+    again = Report()
+    _check_temp_files(again, tmp_path, repair=True, min_age_s=0.0)
+    assert [f.status for f in again.findings] == ["ok"] and "1 being written now" in again.findings[0].detail
