@@ -10,8 +10,8 @@
 #                                     to check the script itself (every command and flag it uses) without a GPU
 #
 # Environment (all optional):
-#   KVDB_PYTHON        interpreter with kvdb's dependencies [.venv/bin/python; without a .venv, `make test` makes one
-#                      (that needs the package registries and more than 8 minutes)]
+#   KVDB_PYTHON        interpreter with kvdb's dependencies [.venv/bin/python; without a .venv, `make install` makes
+#                      one first (that needs the package registries and more than 8 minutes)]
 #   GPU_CHECK_TESTS    test files [tests/test_*.py; dry run: three small ones], run as GPU_CHECK_SHARDS pytest
 #                      processes side by side [6]; GPU_CHECK_MARK: a pytest -m expression [none: all, as make test]
 #   GPU_CHECK_PAIRS    pairs of the default knowledge set to train and bench on [14, two per domain]
@@ -98,10 +98,13 @@ if [ -z "$PY" ] && [ -x .venv/bin/python ]; then
 fi
 
 # -- 1. the machine ------------------------------------------------------------------------------------------------
-TESTED=0
-if [ -z "$PY" ]; then
-    step tests "$LIMIT_TESTS" make test  # installs .venv first
-    PY=.venv/bin/python TESTED=1
+if [ -z "$PY" ]; then  # `make test` without its pytest run, which comes below in shards
+    say "make install: no .venv yet (needs the package registries; not time-boxed, not counted in the 8 minutes)"
+    if ! make install >"$RESULTS/install.log" 2>&1; then
+        echo "gpu_check: make install failed; see $RESULTS/install.log" >&2
+        exit 1
+    fi
+    PY=.venv/bin/python
 fi
 say "machine"
 "$PY" - <<'EOF' | tee "$RESULTS/machine.txt"
@@ -120,7 +123,7 @@ if [ "$DRY_RUN" -eq 0 ] && ! "$PY" -c "import sys, torch; sys.exit(not torch.cud
 fi
 
 # -- 2. the test suite ---------------------------------------------------------------------------------------------
-[ "$TESTED" -eq 1 ] || run_tests
+run_tests
 
 # -- 3. a short bf16 train and bench -------------------------------------------------------------------------------
 say "config"
