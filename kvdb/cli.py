@@ -551,8 +551,11 @@ def compare(ctx, text_a, text_b, as_json) -> None:
 @click.option("--per-workload", type=click.IntRange(1, 10_000), default=6, show_default=True,
               help="Questions per workload when --questions is not given.")
 @click.option("--max-new-tokens", "-n", type=click.IntRange(1, 4096), default=None, help="Answer length cap [config].")
-@click.option("--methods", default=",".join(("greedy", "hf_prompt_lookup", "hf_early_exit", "kvdb_copy", "kvdb_draft")),
-              show_default=True, help="Comma-separated methods to run (greedy always runs).")
+@click.option("--methods", default=",".join(("greedy", "hf_prompt_lookup", "hf_early_exit", "kvdb_copy", "kvdb_draft",
+                                            "llamacpp_greedy", "llamacpp_prompt_lookup", "kvdb_llamacpp",
+                                            "kvdb_llamacpp_nostates")),
+              show_default=True, help="Comma-separated methods to run (each engine's greedy baseline always runs; "
+                                      "llama.cpp methods are skipped where llama.cpp cannot run the model).")
 @click.option("--repeat", type=click.IntRange(1, 100), default=1, show_default=True,
               help="Runs per method and question, round-robin; the fastest counts.")
 @click.option("--draft", "draft_path", type=click.Path(dir_okay=False), default=None,

@@ -342,7 +342,7 @@ def greedy_generate(model, prompt_ids: list[int], max_new_tokens: int, eos_ids: 
             if generate_kwargs:
                 raise ValidationError(f"the {model.name} engine has no Hugging Face generate to pass "
                                       f"{', '.join(generate_kwargs)} to")
-            return speculative_generate(model, prompt_ids, max_new_tokens, eos_ids, [])
+            return _engine_greedy(model, prompt_ids, max_new_tokens, eos_ids)
         model = model.model
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # [1, T]
@@ -360,6 +360,19 @@ def greedy_generate(model, prompt_ids: list[int], max_new_tokens: int, eos_ids: 
     ttft = (clock.first_at - t0) if clock.first_at is not None else seconds
     steps = 0 if generate_kwargs else max(len(new) - 1, 0)  # plain greedy: one pass per token after the prefill
     return GenerationResult(new, _stats("transformers", seconds, ttft, len(new), steps, 0, 0, {}))
+
+
+def _engine_greedy(engine: Engine, prompt_ids: list[int], max_new_tokens: int,
+                   eos_ids: Sequence[int]) -> GenerationResult:
+    """An engine's own plain greedy decoding: the prompt in one pass, then one token per pass, argmax."""
+    eos = frozenset(eos_ids)
+    t0 = time.perf_counter()
+    out = [engine.prefill(prompt_ids)]
+    ttft = time.perf_counter() - t0
+    while len(out) < max_new_tokens and out[-1] not in eos:
+        out.append(engine.verify([out[-1]])[0])
+    seconds = time.perf_counter() - t0
+    return GenerationResult(out, _stats(engine.name, seconds, ttft, len(out), len(out) - 1, 0, 0, {}))
 
 
 @torch.inference_mode()

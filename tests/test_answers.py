@@ -167,6 +167,7 @@ def test_bench_runs_every_method_on_the_same_prompts(kvt: Kvdb, tmp_path):
     chart = tmp_path / "bench.png"
     report = kvt.json("bench", "--questions", str(questions), "-n", "10", "--plot", str(chart))
     assert report["methods"] == ["greedy", "hf_prompt_lookup", "hf_early_exit", "kvdb_copy", "kvdb_draft"]
+    assert any("llama.cpp methods skipped" in n and "GGUF" in n for n in report["notices"])  # not a GGUF model
     assert {(s["workload"], s["method"]) for s in report["summary"]} == \
         {(w, m) for w in ("stored", "paraphrased", "unanswerable") for m in report["methods"]}
     for s in report["summary"]:

@@ -1,0 +1,86 @@
+"""Answering on llama.cpp end to end, on a home whose model is a tiny GGUF: `auto` picks llama.cpp on the CPU, answers
+equal llama.cpp's own greedy decoding, prefix states are kept and reused, and `kvdb bench` runs its llama.cpp
+methods against that baseline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (run `make install`)")
+
+from kvdb.config import Home, load_config
+from kvdb.decode import greedy_generate
+from kvdb.engines import open_engine
+from kvdb.lm import load_model
+from tests.conftest import Kvdb, write_jsonl
+from tests.test_build_query import PAIRS
+from tests.tiny_gguf import TinyLlama, write_tiny_gguf
+
+
+@pytest.fixture(scope="module")
+def gguf_config(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("gguf")
+    write_tiny_gguf(folder / "tiny.gguf", TinyLlama(n_layer=4, n_ctx_train=2048))
+    cfg = folder / "kvdb.yaml"
+    cfg.write_text(f"model:\n  source: {folder}\n  gguf_file: tiny.gguf\nbuild:\n  batch_size: 2\n  layers: [3, -1]\n"
+                   "index:\n  rerank: false\n  confident_threshold_no_rerank: 0.5\ngeneration:\n  max_new_tokens: 16\n")
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, gguf_config) -> Kvdb:
+    home = tmp_path_factory.mktemp("built") / "home"
+    kv = Kvdb(home, gguf_config)
+    kv("add", "--file", str(write_jsonl(home.parent / "pairs.jsonl", PAIRS)))
+    kv("build")
+    return kv
+
+
+@pytest.fixture(scope="module")
+def lm(gguf_config):
+    return load_model(load_config(gguf_config).model, Home.resolve(None))
+
+
+def test_auto_answers_on_llama_cpp_exactly_as_its_greedy(built: Kvdb, lm):
+    out = built.json("query", "--generate", "What is entropy?")
+    assert out["stats"]["engine"] == "llama_cpp"
+    with open_engine("llama_cpp", lm) as llama:  # the settings the answering engine was opened with
+        want = greedy_generate(llama, out["prompt_ids"], 16, lm.eos_ids)
+    assert out["output_ids"] == want.output_ids and want.stats["engine"] == "llama_cpp"
+
+
+def test_prefix_states_are_kept_and_a_repeat_restores_its_prompt(built: Kvdb):
+    first = built.json("query", "--generate", "Why does the sky look blue?")
+    states = sorted((built.home / "models" / "states").glob("*.kvstate"))
+    assert len(states) >= 2  # the instruction, the reference blocks, the whole prompt
+    again = built.json("query", "--generate", "Why does the sky look blue?")
+    assert again["output_ids"] == first["output_ids"]
+    assert sorted((built.home / "models" / "states").glob("*.kvstate")) == states  # nothing new to keep
+
+
+def test_transformers_stays_available_through_kvdb_engine(built: Kvdb, lm, monkeypatch):
+    monkeypatch.setenv("KVDB_ENGINE", "transformers")
+    out = built.json("query", "--generate", "What is entropy?")
+    assert out["stats"]["engine"] == "transformers"
+    assert out["output_ids"] == greedy_generate(lm.model, out["prompt_ids"], 16, lm.eos_ids).output_ids
+
+
+def test_bench_runs_the_llama_cpp_methods_against_llama_cpp_greedy(built: Kvdb, tmp_path):
+    questions = write_jsonl(tmp_path / "q.jsonl", [
+        {"query": "What is entropy?", "workload": "stored"},
+        {"query": "Why is the sky blue during the day?", "workload": "paraphrased"},
+    ])
+    methods = "greedy,kvdb_copy,llamacpp_greedy,llamacpp_prompt_lookup,kvdb_llamacpp,kvdb_llamacpp_nostates"
+    report = built.json("bench", "--questions", str(questions), "-n", "12", "--methods", methods)
+    assert report["methods"] == ["greedy", "llamacpp_greedy", "kvdb_copy", "llamacpp_prompt_lookup",
+                                 "kvdb_llamacpp", "kvdb_llamacpp_nostates"]
+    for s in report["summary"]:
+        assert s["identical"] == s["questions"] == 1, s  # each equals its own engine's greedy output
+        assert s["baseline"] == ("llamacpp_greedy" if "llamacpp" in s["method"] else "greedy")
+        assert s["speedup_llamacpp_median"] > 0
+    llama = [r for r in report["rows"] if r["method"] == "llamacpp_greedy"]
+    assert all(r["speedup_llamacpp"] == 1.0 and r["engine"] == "llama_cpp" for r in llama)
+    assert "| stored | kvdb_llamacpp |" in built("bench", "--questions", str(questions), "-n", "4", "--methods",
+                                                 "kvdb_llamacpp").stdout
