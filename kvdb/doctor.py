@@ -86,6 +86,7 @@ def check(runtime, repair: bool = False, temp_min_age_s: float = TEMP_MIN_AGE_S)
     _check_temp_files(report, runtime.home.root, repair, temp_min_age_s)
     _check_exports(report, runtime.home.cache_dir)
     _check_checkpoints(report, runtime.home.checkpoints_dir)
+    _check_prefix_states(report, runtime.home.models_dir / "states", repair)
     return report
 
 
@@ -431,6 +432,25 @@ def _check_checkpoints(report: Report, folder: Path) -> None:
             report.add("checkpoints", PROBLEM, f"{e}")
     if not bad:
         report.add("checkpoints", OK, f"{len(files)} checkpoint(s) load" if files else "no checkpoints")
+
+
+def _check_prefix_states(report: Report, folder: Path, repair: bool) -> None:
+    """Every saved llama.cpp prefix state reads back whole (header, checksum, name); a damaged one would only be
+    recomputed, so --repair deletes it."""
+    if not folder.is_dir():
+        report.add("prefix states", OK, "no prefix states")
+        return
+    from kvdb.engines.statecache import StateCache
+
+    cache = StateCache(folder)
+    counts = cache.check(fix=repair)
+    size = cache.usage()["disk_bytes"]
+    if counts["corrupt"]:
+        fix = "deleted" if repair else "run `kvdb doctor --repair` to delete them (they are recomputed when needed)"
+        report.add("prefix states", REPAIRED if repair else PROBLEM,
+                   f"{counts['corrupt']} damaged prefix state file(s) in {folder}; {fix}")
+    else:
+        report.add("prefix states", OK, f"{counts['ok']} prefix state(s), {size / 2**20:.1f} MiB")
 
 
 # -- helpers ------------------------------------------------------------------------------------------------------

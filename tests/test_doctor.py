@@ -18,7 +18,8 @@ from kvdb.runtime import Runtime
 from tests.conftest import Kvdb
 from tests.reliability import bad_blobs, db, flip_byte, index_pair_ids, make_tiny_config, pair_file, store_view
 
-CHECKS = {"schema", "integrity", "orphans", "foreign_keys", "blobs", "index", "temp_files", "exports", "checkpoints"}
+CHECKS = {"schema", "integrity", "orphans", "foreign_keys", "blobs", "index", "temp_files", "exports", "checkpoints",
+          "prefix states"}
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +168,26 @@ def test_unreadable_export_and_checkpoint_are_reported_not_deleted(kv: Kvdb):
         assert statuses(report, "exports") == ["problem"] and "kvdb export" in details(report, "exports")
         assert statuses(report, "checkpoints") == ["problem"] and ckpt.name in details(report, "checkpoints")
     assert export.exists() and ckpt.exists()
+
+
+def test_damaged_prefix_states_are_reported_and_repair_deletes_them(kv: Kvdb):
+    from kvdb.engines.statecache import PrefixState, StateCache, encode_state
+
+    folder = kv.home / "models" / "states"
+    cache = StateCache(folder)
+    for n in (3, 5):
+        cache.put(PrefixState(tuple(range(n)), '{"engine":"llama_cpp"}', bytes(range(n)) * 100, 7))
+    assert doctor(kv)["ok"] and "2 prefix state(s)" in details(doctor(kv), "prefix states")
+    good, damaged = sorted(folder.iterdir())
+    data = bytearray(damaged.read_bytes())
+    data[-1] ^= 0xFF  # a flipped byte in the KV bytes: the checksum no longer matches
+    damaged.write_bytes(bytes(data))
+    (folder / good.name.replace(good.stem, "0" * 64)).write_bytes(encode_state(
+        PrefixState((1,), "{}", b"x", 1)))  # whole but under another state's name
+    report = doctor(kv, ok=False)
+    assert statuses(report, "prefix states") == ["problem"] and "2 damaged" in details(report, "prefix states")
+    assert statuses(doctor(kv, "--repair"), "prefix states") == ["repaired"]
+    assert sorted(folder.iterdir()) == [good] and doctor(kv)["ok"]
 
 
 def test_schema_behind_names_the_upgrade(kv: Kvdb):
