@@ -540,6 +540,24 @@ def compare(ctx, text_a, text_b, as_json) -> None:
 
 
 @cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; a non-loopback one needs --api-key (or --insecure).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="Port to listen on.")
+@click.option("--api-key", envvar="KVDB_API_KEY", default=None,
+              help="Require Authorization: Bearer KEY on every endpoint but /health [env KVDB_API_KEY].")
+@click.option("--insecure", is_flag=True, help="Allow a non-loopback --host without an API key.")
+@click.pass_context
+def serve(ctx, host, port, api_key, insecure) -> None:
+    """Serve over HTTP: OpenAI-compatible chat completions (streaming), /v1/query, /v1/pairs, /v1/build, /metrics."""
+    from kvdb.api import KnowledgeBase
+    from kvdb.serve import check_bind, run
+
+    check_bind(host, api_key, insecure)  # refused before any model is loaded
+    click.echo(f"kvdb serving {_rt(ctx).home.root} on http://{host}:{port} (loading models first)", err=True)
+    run(KnowledgeBase(_rt(ctx)), host, port, api_key, insecure)
+
+
+@cli.command()
 @click.option("--questions", "questions_path", metavar="FILE", default=None,
               help="JSONL of {\"query\", \"workload\": stored|paraphrased|unanswerable} [the store's questions, "
                    "bundled paraphrases and off-topic questions].")
