@@ -18,4 +18,12 @@ def open(home=None, config=None, **options):
     return _open(home, config, **options)
 
 
-__all__ = ["KvdbError", "__version__", "open"]
+def __getattr__(name: str):
+    if name == "KnowledgeBase":  # imported on first use: it pulls in the store and retrieval modules
+        from kvdb.api import KnowledgeBase
+
+        return KnowledgeBase
+    raise AttributeError(f"module 'kvdb' has no attribute {name!r}")
+
+
+__all__ = ["KnowledgeBase", "KvdbError", "__version__", "open"]

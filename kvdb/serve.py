@@ -203,6 +203,8 @@ class Metrics:
         self.accepted_per_step = Histogram("kvdb_accepted_tokens_per_verify_step",
                                            "Draft tokens accepted per verify step, one observation per answer",
                                            registry=r, buckets=(0, 0.5, 1, 2, 3, 4, 6, 8, 12, 16, 32))
+        self.cancelled = Counter("kvdb_answers_cancelled", "Answers stopped early because their client went away",
+                                 registry=r)
         self.answers_waiting = Gauge("kvdb_answers_in_flight", "Answers running or waiting for the model",
                                      registry=r)
 
@@ -305,9 +307,9 @@ class Generation:
     """One answer in a worker thread of its own; verified text pieces and the end reach the event loop through a
     queue. ``cancel()`` (the client went away) stops the decoding at its next verify step and frees the model."""
 
-    def __init__(self, kb: KnowledgeBase, question: str, max_new_tokens: int | None, top_k: int | None,
-                 domain: str | None):
-        self.kb, self.args = kb, (question, max_new_tokens, top_k, domain)
+    def __init__(self, kb: KnowledgeBase, metrics: Metrics, question: str, max_new_tokens: int | None,
+                 top_k: int | None, domain: str | None):
+        self.kb, self.metrics, self.args = kb, metrics, (question, max_new_tokens, top_k, domain)
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
         self.stop = threading.Event()
@@ -326,14 +328,20 @@ class Generation:
         try:
             result = self.kb.answer(*self.args, on_text=lambda piece: self._put("text", piece), stop=self.stop)
             self._put("done", result)
+        except AnswerCancelled as exc:
+            self.metrics.cancelled.inc()
+            self._put("error", exc)
         except BaseException as exc:  # handed to the request, which answers it in the one error mapping
             self._put("error", exc)
 
     def cancel(self) -> None:
         self.stop.set()
 
-    async def next_event(self, request: Request) -> tuple[str, Any]:
-        """The next piece, the result or the error; a client that disconnected meanwhile cancels the answer."""
+    async def next_event(self, request: Request | None) -> tuple[str, Any]:
+        """The next piece, the result or the error. With ``request``, a client that disconnected meanwhile cancels
+        the answer (a stream leaves that to Starlette, which listens for the disconnect and cancels the stream)."""
+        if request is None:
+            return await self.events.get()
         while True:
             try:
                 return await asyncio.wait_for(self.events.get(), DISCONNECT_POLL_S)
@@ -392,7 +400,8 @@ class Server:
                            "server_busy", "server_error")
         self.in_flight += 1
         self.metrics.answers_waiting.set(self.in_flight)
-        gen = Generation(self.kb, question, req.max_completion_tokens or req.max_tokens, req.top_k, req.domain)
+        gen = Generation(self.kb, self.metrics, question, req.max_completion_tokens or req.max_tokens, req.top_k,
+                         req.domain)
         gen.start()
         return gen
 
@@ -450,7 +459,7 @@ def _routes(app: FastAPI, server: Server) -> None:
             raise first[1]
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_stream(server, gen, first, request, include_usage), media_type="text/event-stream",
+            return StreamingResponse(_stream(server, gen, first, include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
             event = first
@@ -503,8 +512,7 @@ def _full_hash(value: str) -> str:
     return value
 
 
-async def _stream(server: Server, gen: Generation, first: tuple[str, Any], request: Request,
-                  include_usage: bool) -> AsyncIterator[str]:
+async def _stream(server: Server, gen: Generation, first: tuple[str, Any], include_usage: bool) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk format: the role, the text as it is verified, the finish reason with
     kvdb's stats, optionally the usage, then ``data: [DONE]``. Leaving early (a disconnect) cancels the answer."""
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -513,7 +521,7 @@ async def _stream(server: Server, gen: Generation, first: tuple[str, Any], reque
         event = first
         while event[0] == "text":
             yield chunk(cid, created, {"content": event[1]})
-            event = await gen.next_event(request)
+            event = await gen.next_event(None)
         if event[0] == "error":
             log.warning("answer failed mid-stream: %s", event[1])
             yield f"data: {error_response(event[1]).body.decode()}\n\n"
