@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import Body, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -85,7 +85,7 @@ def error_response(exc: BaseException) -> JSONResponse:
         return JSONResponse(error_body(_validation_message(exc), "invalid_request_error", "invalid_request"),
                             status_code=400)
     if isinstance(exc, StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(exc.status_code, "http_error")
         return JSONResponse(error_body(str(exc.detail), "invalid_request_error", code), status_code=exc.status_code)
     log.error("unexpected error while serving a request", exc_info=exc)
     return JSONResponse(error_body("internal server error (logged by the server)", "server_error", "internal_error"),
@@ -229,10 +229,6 @@ def endpoint_label(path: str) -> str:
 
 
 # -- the ASGI guard: auth, body size, metrics ----------------------------------------------------------------------
-class BodyTooLarge(Exception):
-    pass
-
-
 class Guard:
     """ASGI middleware in front of the app: checks the API key, caps the body size, counts and times requests."""
 
@@ -273,27 +269,16 @@ class Guard:
 
     async def _run(self, scope, receive, send) -> None:
         seen = [0]
-        started = [False]
 
         async def capped_receive():
             message = await receive()
             if message["type"] == "http.request":
                 seen[0] += len(message.get("body", b""))
-                if seen[0] > self.max_body:
-                    raise BodyTooLarge()
+                if seen[0] > self.max_body:  # a chunked body without a length: counted as it arrives
+                    raise StarletteHTTPException(413, f"the request body is over the {self.max_body}-byte limit")
             return message
 
-        async def marked_send(message) -> None:
-            started[0] = started[0] or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, capped_receive, marked_send)
-        except BodyTooLarge:
-            if started[0]:
-                raise
-            refusal = ApiError(413, f"the request body is over the {self.max_body}-byte limit", "body_too_large")
-            await error_response(refusal)(scope, receive, send)
+        await self.app(scope, capped_receive, send)
 
     def _count(self, endpoint: str, method: str, status: int, seconds: float) -> None:
         self.metrics.requests.labels(endpoint, method, str(status)).inc()
@@ -313,6 +298,7 @@ class Generation:
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
         self.stop = threading.Event()
+        self.ended = False
 
     def start(self) -> "Generation":
         threading.Thread(target=self._run, name="kvdb-answer", daemon=True).start()
@@ -406,7 +392,11 @@ class Server:
         return gen
 
     def ended(self, gen: Generation) -> None:
+        """The request is done with ``gen`` (answered, failed or abandoned): stop it and free its place."""
         gen.cancel()
+        if gen.ended:
+            return
+        gen.ended = True
         self.in_flight -= 1
         self.metrics.answers_waiting.set(self.in_flight)
 
@@ -481,7 +471,9 @@ def _routes(app: FastAPI, server: Server) -> None:
         return {"object": "list", "data": kb.list(domain)}
 
     @app.post("/v1/pairs")
-    def add_pairs(body: dict[str, Any] | list[Any], replace: bool = False) -> dict[str, Any]:
+    def add_pairs(body: Any = Body(...), replace: bool = False) -> dict[str, Any]:
+        if not isinstance(body, (dict, list)):
+            raise ValidationError("the body must be a pair object or a list of pair objects")
         report = kb.add_many([body] if isinstance(body, dict) else body, replace=replace)
         return {**report.as_dict(), "hashes": report.hashes}
 
@@ -534,6 +526,7 @@ async def _stream(server: Server, gen: Generation, first: tuple[str, Any], inclu
                 body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": MODEL_ID,
                         "choices": [], "usage": usage_of(result)}
                 yield f"data: {json.dumps(body)}\n\n"
+        server.ended(gen)  # before the last event, so a client that reads it sees the model free
         yield "data: [DONE]\n\n"
     finally:
         server.ended(gen)
