@@ -119,17 +119,18 @@ class KnowledgeBase:
     """A home (store, index, caches, checkpoints) with its models, loaded on first use and kept.
 
     ``draft``: a draft checkpoint (default: the best one in the home); ``use_draft=False`` drafts by copying only;
-    ``cache``: retrieve and answer from an exported knowledge_cache.pth alone (the store is not opened)."""
+    ``cache``: retrieve and answer from an exported knowledge_cache.pth alone (the store is not opened);
+    ``on_notice``: called with each notice (an index rebuilt, no trained draft, ...) [logged at INFO]."""
 
     def __init__(self, runtime: Runtime, draft: str | os.PathLike | None = None, use_draft: bool = True,
-                 cache: str | os.PathLike | None = None):
+                 cache: str | os.PathLike | None = None, on_notice: Callable[[str], None] | None = None):
         self.rt = runtime
+        self.on_notice = on_notice or (lambda notice: log.info("notice: %s", notice))
         self._draft, self._use_draft = (str(draft) if draft is not None else None), use_draft
         self._cache = str(cache) if cache is not None else None
         self._lm = None
         self._answerer = None
         self._retriever: Retriever | None = None
-        self._notices: list[str] = []
         self._load_lock = threading.RLock()  # lazy loading happens once, whichever thread asks first
         self.model_lock = threading.Lock()  # the base model runs one answer (or re-ranking) at a time
         self._search_lock = threading.Lock()  # the query embedder and its tokenizer serve one caller at a time
@@ -204,22 +205,20 @@ class KnowledgeBase:
             retriever.index()
             if retriever.rerank:
                 retriever.reranker()
-        self.take_notices()
+        self.flush_notices()
 
-    def take_notices(self) -> list[str]:
-        """Notices gathered since the last call (a rebuilt index, no trained draft, ...); each is also logged."""
-        sources = [self._notices]
+    def flush_notices(self) -> None:
+        """Hand the notices gathered by the models since the last call to ``on_notice``."""
+        sources = []
         if self._retriever is not None:
             sources.append(self._retriever.notices)
         if self._answerer is not None:
             sources += [self._answerer.retriever.notices, self._answerer.notices]
-        out = []
         for notices in sources:
-            out += notices
+            pending = list(notices)
             notices.clear()
-        for notice in out:
-            log.info("notice: %s", notice)
-        return out
+            for notice in pending:
+                self.on_notice(notice)
 
     # -- pairs -----------------------------------------------------------------------------------------------------
     def add(self, question: str, answer: str, domain: str, metadata: dict[str, Any] | None = None,
@@ -259,7 +258,7 @@ class KnowledgeBase:
         from kvdb.store.pairs import list_pairs, pair_dict
 
         with self.rt.store.read() as session:
-            return [pair_dict(p) for p in list_pairs(session, _scope(domain))]
+            return [pair_dict(p) for p in list_pairs(session, domain)]
 
     def get(self, hash_prefix: str) -> dict[str, Any]:
         """One pair by its hash (a unique prefix is enough)."""
@@ -320,7 +319,7 @@ class KnowledgeBase:
         retriever = self.retriever()
         with self._search_lock, (self.model_lock if retriever.rerank else contextlib.nullcontext()):  # re-ranking runs the model
             results = retriever.search(list(questions), top_k, _scope(domain))
-        self.take_notices()
+        self.flush_notices()
         return [SearchResult(r.query, r.confident, r.matches) for r in results]
 
     def answer(self, question: str, max_new_tokens: int | None = None, top_k: int | None = None,
@@ -350,7 +349,7 @@ class KnowledgeBase:
             rest = pieces.finish(raw.answer)
             if rest:
                 on_text(rest)
-        self.take_notices()
+        self.flush_notices()
         return AnswerResult(raw)
 
     def answer_stream(self, question: str, max_new_tokens: int | None = None, top_k: int | None = None,
