@@ -261,7 +261,8 @@ class Guard:
             given = headers.get(b"authorization", b"").decode("latin-1")
             scheme, _, token = given.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
-                return ApiError(401, "missing or wrong API key: send Authorization: Bearer KEY", "invalid_api_key")
+                return ApiError(401, "missing or wrong API key: send Authorization: Bearer KEY", "invalid_api_key",
+                                "authentication_error")
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
             return ApiError(413, f"the request body is over the {self.max_body}-byte limit", "body_too_large")
@@ -391,6 +392,32 @@ class Server:
         gen.start()
         return gen
 
+    async def chat(self, request: Request, req: ChatRequest) -> Any:
+        """A chat completion: the whole answer as one object, or (``stream``) a stream of its chunks."""
+        gen = self.generate(req)
+        try:
+            first = await gen.next_event(request)
+        except BaseException:
+            self.ended(gen)
+            raise
+        if first[0] == "error":
+            self.ended(gen)
+            raise first[1]
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(_stream(self, gen, first, include_usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            event = first
+            while event[0] == "text":
+                event = await gen.next_event(request)
+        finally:
+            self.ended(gen)
+        if event[0] == "error":
+            raise event[1]
+        self.metrics.answered(event[1].stats)
+        return completion_body(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), event[1], self.kb.lm().eos_ids)
+
     def ended(self, gen: Generation) -> None:
         """The request is done with ``gen`` (answered, failed or abandoned): stop it and free its place."""
         gen.cancel()
@@ -438,29 +465,7 @@ def _routes(app: FastAPI, server: Server) -> None:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request, req: ChatRequest):
-        gen = server.generate(req)
-        try:
-            first = await gen.next_event(request)
-        except BaseException:
-            server.ended(gen)
-            raise
-        if first[0] == "error":
-            server.ended(gen)
-            raise first[1]
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_stream(server, gen, first, include_usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        try:
-            event = first
-            while event[0] == "text":
-                event = await gen.next_event(request)
-        finally:
-            server.ended(gen)
-        if event[0] == "error":
-            raise event[1]
-        metrics.answered(event[1].stats)
-        return completion_body(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), event[1], kb.answerer().lm.eos_ids)
+        return await server.chat(request, req)
 
     @app.post("/v1/query")
     def query(req: QueryRequest) -> dict[str, Any]:
@@ -520,7 +525,7 @@ async def _stream(server: Server, gen: Generation, first: tuple[str, Any], inclu
         else:
             result: AnswerResult = event[1]
             server.metrics.answered(result.stats)
-            yield chunk(cid, created, {}, finish_reason(result, server.kb.answerer().lm.eos_ids),
+            yield chunk(cid, created, {}, finish_reason(result, server.kb.lm().eos_ids),
                         kvdb=kvdb_field(result))
             if include_usage:
                 body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": MODEL_ID,
