@@ -25,29 +25,47 @@ import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvdb.errors import AnswerCancelled, ConflictError, ValidationError
-from kvdb.retrieve import Match, QueryResult, Retriever
 from kvdb.runtime import Runtime
 from kvdb.store.pairs import AddReport, PairInput
+
+if TYPE_CHECKING:  # imported where used: retrieval and answering pull in torch, which pair commands never need
+    from kvdb.answer import Answer, Answerer
+    from kvdb.lm import LM
+    from kvdb.retrieve import Match, QueryResult, Retriever
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class SearchResult(QueryResult):
-    """The pairs that best answer a query: ``confident``, ``matches``; ``to_dict()`` is `kvdb query --json`."""
+@dataclass(frozen=True)
+class SearchResult:
+    """The pairs that best answer a query; ``to_dict()`` is `kvdb query --json`. ``raw`` is the retriever's result."""
+
+    raw: QueryResult
+
+    @property
+    def query(self) -> str:
+        return self.raw.query
+
+    @property
+    def confident(self) -> bool:
+        return self.raw.confident
+
+    @property
+    def matches(self) -> list[Match]:
+        return self.raw.matches
 
     def to_dict(self) -> dict[str, Any]:
-        return self.as_dict()
+        return self.raw.as_dict()
 
 
 @dataclass(frozen=True)
 class AnswerResult:
     """One generated answer; ``to_dict()`` is `kvdb query --generate --json`. ``raw`` is the library's Answer."""
 
-    raw: Any  # kvdb.answer.Answer (imported lazily: it pulls in torch)
+    raw: Answer
 
     @property
     def text(self) -> str:
@@ -157,7 +175,7 @@ class KnowledgeBase:
         return self.rt.config
 
     # -- models, loaded once -------------------------------------------------------------------------------------
-    def lm(self):
+    def lm(self) -> LM:
         """The base model and tokenizer."""
         with self._load_lock:
             if self._lm is None:
@@ -166,7 +184,7 @@ class KnowledgeBase:
                 self._lm = load_model(self.rt.config.model, self.rt.home)
             return self._lm
 
-    def answerer(self):
+    def answerer(self) -> Answerer:
         """The loaded kvdb.answer.Answerer (base model, retrieval, draft) behind ``answer``."""
         with self._load_lock:
             if self._answerer is None:
@@ -180,6 +198,8 @@ class KnowledgeBase:
         """The retriever behind ``query``: its own embedder, so retrieval runs beside an answer being generated."""
         with self._load_lock:
             if self._retriever is None:
+                from kvdb.retrieve import Retriever
+
                 lm = self.lm() if self.rt.config.index.rerank else None  # re-ranking reads the base model
                 fingerprint = lm.fingerprint if lm is not None else None
                 if self._cache is not None:
@@ -293,6 +313,7 @@ class KnowledgeBase:
             if result is not None:
                 return result
         from kvdb.build import Builder
+        from kvdb.retrieve import Retriever
 
         builder = Builder(self.rt.config, self.rt.home, self.rt.store)
         report = builder.run(domain=domain, batch_size=batch_size, rebuild=rebuild, progress=progress)
@@ -320,7 +341,7 @@ class KnowledgeBase:
         with self._search_lock, (self.model_lock if retriever.rerank else contextlib.nullcontext()):  # re-ranking runs the model
             results = retriever.search(list(questions), top_k, _scope(domain))
         self.flush_notices()
-        return [SearchResult(r.query, r.confident, r.matches) for r in results]
+        return [SearchResult(r) for r in results]
 
     def answer(self, question: str, max_new_tokens: int | None = None, top_k: int | None = None,
                domain: str | None = None, on_text: Callable[[str], None] | None = None,

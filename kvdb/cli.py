@@ -383,7 +383,7 @@ def query(ctx, question, path, top_k, domain, cache_path, generate, max_new_toke
     results = _kb(ctx, cache=cache_path).query_many(queries, top_k, _domain_arg(domain))
     for result in results:
         if as_json:
-            emit_json(result.as_dict(), indent=None if path else 2)
+            emit_json(result.to_dict(), indent=None if path else 2)
             continue
         if path:
             click.echo(f"? {result.query}")
