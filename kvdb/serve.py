@@ -556,9 +556,11 @@ def check_bind(host: str, api_key: str | None, insecure: bool) -> None:
 
 def run(kb: KnowledgeBase, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
         insecure: bool = False, log_level: str = "info") -> None:
-    """Serve ``kb`` with uvicorn until interrupted."""
+    """Load ``kb``'s models, then serve it with uvicorn until interrupted. A model that cannot load is a KvdbError
+    here, before the port opens (the CLI prints its one line)."""
     import uvicorn
 
     check_bind(host, api_key, insecure)
-    uvicorn.run(create_app(kb, api_key=api_key or None), host=host, port=port, log_level=log_level,
+    kb.warm()
+    uvicorn.run(create_app(kb, api_key=api_key or None, warm=False), host=host, port=port, log_level=log_level,
                 timeout_graceful_shutdown=5)

@@ -362,6 +362,13 @@ def test_a_public_address_needs_a_key(tmp_path, tiny_config, monkeypatch):  # no
     check_bind("localhost", None, False)
 
 
+def test_a_model_that_cannot_load_is_one_line_before_the_port_opens(tmp_path):
+    config = tmp_path / "broken.yaml"
+    config.write_text(f"model:\n  source: {tmp_path / 'no-such-model'}\n")
+    refused = Kvdb(tmp_path / "home", config)("serve", "--port", str(free_port()), ok=False)
+    assert "no-such-model" in refused.stderr and "Traceback" not in refused.output
+
+
 @pytest.mark.integration
 def test_serves_the_embedded_model(tmp_path):
     """The default config (the embedded SmolLM2 and MiniLM): the served answer equals the CLI's, token for token."""
