@@ -46,7 +46,6 @@ MODEL_ID = "kvdb"
 MAX_BODY_BYTES = 4 * 1024 * 1024  # a request body above this is refused (413) before it is read further
 MAX_NEW_TOKENS = 4096
 MAX_WAITING = 64  # answers running or queued for the model at once; more are refused (503) rather than piled up
-DISCONNECT_POLL_S = 0.5  # how often a request waiting on its answer checks that its client is still there
 
 
 # -- errors: one table from library errors to HTTP ---------------------------------------------------------------
@@ -324,18 +323,16 @@ class Generation:
     def cancel(self) -> None:
         self.stop.set()
 
-    async def next_event(self, request: Request | None) -> tuple[str, Any]:
-        """The next piece, the result or the error. With ``request``, a client that disconnected meanwhile cancels
-        the answer (a stream leaves that to Starlette, which listens for the disconnect and cancels the stream)."""
-        if request is None:
-            return await self.events.get()
-        while True:
-            try:
-                return await asyncio.wait_for(self.events.get(), DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    self.cancel()
-                    raise AnswerCancelled("the client disconnected") from None
+    async def next_event(self) -> tuple[str, Any]:
+        """The next piece (``text``), the result (``done``) or the exception (``error``)."""
+        return await self.events.get()
+
+    async def cancel_on_disconnect(self, request: Request) -> None:
+        """Cancel the answer when the client goes away (run as a task while nothing else reads ``receive``: until
+        a stream's response starts, Starlette listens for the disconnect itself from then on)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        self.cancel()
 
 
 def finish_reason(result: AnswerResult, eos_ids: list[int]) -> str:
@@ -395,24 +392,22 @@ class Server:
     async def chat(self, request: Request, req: ChatRequest) -> Any:
         """A chat completion: the whole answer as one object, or (``stream``) a stream of its chunks."""
         gen = self.generate(req)
+        watcher = asyncio.create_task(gen.cancel_on_disconnect(request))
         try:
-            first = await gen.next_event(request)
+            event = await gen.next_event()
+            if req.stream and event[0] != "error":
+                watcher.cancel()  # the stream's own listener takes over
+                include_usage = bool(req.stream_options and req.stream_options.include_usage)
+                return StreamingResponse(_stream(self, gen, event, include_usage), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            while event[0] == "text":
+                event = await gen.next_event()
         except BaseException:
             self.ended(gen)
             raise
-        if first[0] == "error":
-            self.ended(gen)
-            raise first[1]
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_stream(self, gen, first, include_usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        try:
-            event = first
-            while event[0] == "text":
-                event = await gen.next_event(request)
         finally:
-            self.ended(gen)
+            watcher.cancel()
+        self.ended(gen)
         if event[0] == "error":
             raise event[1]
         self.metrics.answered(event[1].stats)
@@ -518,7 +513,7 @@ async def _stream(server: Server, gen: Generation, first: tuple[str, Any], inclu
         event = first
         while event[0] == "text":
             yield chunk(cid, created, {"content": event[1]})
-            event = await gen.next_event(None)
+            event = await gen.next_event()
         if event[0] == "error":
             log.warning("answer failed mid-stream: %s", event[1])
             yield f"data: {error_response(event[1]).body.decode()}\n\n"
