@@ -138,12 +138,12 @@ class KnowledgeBase:
 
     ``draft``: a draft checkpoint (default: the best one in the home); ``use_draft=False`` drafts by copying only;
     ``cache``: retrieve and answer from an exported knowledge_cache.pth alone (the store is not opened);
-    ``on_notice``: called with each notice (an index rebuilt, no trained draft, ...) [logged at INFO]."""
+    ``on_notice``: called with each notice (an index rebuilt, no trained draft, ...) [logged as a warning]."""
 
     def __init__(self, runtime: Runtime, draft: str | os.PathLike | None = None, use_draft: bool = True,
                  cache: str | os.PathLike | None = None, on_notice: Callable[[str], None] | None = None):
         self.rt = runtime
-        self.on_notice = on_notice or (lambda notice: log.info("notice: %s", notice))
+        self.on_notice = on_notice or log.warning
         self._draft, self._use_draft = (str(draft) if draft is not None else None), use_draft
         self._cache = str(cache) if cache is not None else None
         self._lm = None
