@@ -4,7 +4,7 @@ For each question the base model's greedy answer is computed once; then decoding
 source kvdb uses (retrieved answers, recorded answers of the retrieved pairs, the context), but with an oracle
 policy: at each step it takes the copy proposal (up to 16 tokens) only when at least one of its tokens would be
 accepted, and otherwise does a plain step. Time is counted in plain-step units from this machine's measured pass
-costs (kvdb.decode.measure_pass_costs). No real policy can beat this bound, which says how much of an answer copying
+costs (kvdb.passcost.measure_pass_costs). No real policy can beat this bound, which says how much of an answer copying
 can cover at all.
 
 Beside it, the real DraftPolicy replayed on the same answer with the same sources (copies, no learned draft) and the
@@ -25,8 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kvdb.answer import Answerer  # noqa: E402
 from kvdb.bench import default_questions  # noqa: E402
-from kvdb.decode import CopySource, DecodeState, DraftPolicy, greedy_generate, select_draft  # noqa: E402
+from kvdb.decode import DecodeState, greedy_generate, select_draft  # noqa: E402
+from kvdb.policy import DraftPolicy  # noqa: E402
 from kvdb.runtime import Runtime  # noqa: E402
+from kvdb.sources import CopySource  # noqa: E402
 from kvdb.train import AnswerBook  # noqa: E402
 
 
@@ -37,8 +39,8 @@ def replay_policy(answerer: Answerer, book, query: str, result, ids: list[int], 
     sources = answerer.sources(ids, result, query, book, learned=False)
     policy = DraftPolicy(max_draft=answerer.rt.config.generation.max_draft_tokens, pass_costs=costs)
     vocab = answerer.lm.model.get_output_embeddings().weight.shape[0]
-    state = DecodeState(ids, answer[:1], None, answerer.lm.device, len(answer), frozenset(answerer.lm.eos_ids), vocab)
-    policy.start(sources, state.device)
+    state = DecodeState(ids, answer[:1], len(answer), frozenset(answerer.lm.eos_ids), vocab)
+    policy.start(sources, answerer.lm.device)
     units = 0.0
     while len(state.output) < len(answer):
         used, draft = select_draft(state, sources, policy)

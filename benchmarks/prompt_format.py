@@ -45,8 +45,9 @@ import kvdb.prompt as prompt_mod  # noqa: E402
 from benchmarks.copy_ceiling import oracle_copy  # noqa: E402
 from kvdb.answer import Answerer  # noqa: E402
 from kvdb.bench import default_questions  # noqa: E402
-from kvdb.decode import CopySource, greedy_generate  # noqa: E402
+from kvdb.decode import greedy_generate  # noqa: E402
 from kvdb.runtime import Runtime  # noqa: E402
+from kvdb.sources import CopySource  # noqa: E402
 
 VARIANTS = {
     "current": prompt_mod.INSTRUCTION,

@@ -1,7 +1,8 @@
 """`kvdb query --generate`: retrieve -> prompt -> speculative decoding -> answer with stats.
 
 The base model answers with the retrieved pairs as reference (kvdb.prompt); its output is token-identical to plain
-greedy decoding. Three kinds of draft feed the verifier (kvdb.decode picks per step):
+greedy decoding. The base model runs behind an engine (kvdb.engines), one per Answerer. Three kinds of draft
+feed the verifier (kvdb.policy picks per step):
 - the base model's own earlier answer to this exact prompt (recorded by `kvdb train` or by an earlier query),
 - n-gram copies from the retrieved answers and from recorded answers of the retrieved pairs,
 - the trained draft model attending to the retrieved pairs' stored vectors (best checkpoint by default).
@@ -15,13 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvdb.decode import (COPY_PRIORS, UNSURE_COPY_PRIORS, CopySource, DraftPolicy, ExactAnswerSource, PassPlan,
-                         draft_only_generate, greedy_generate, speculative_generate)
+from kvdb.decode import draft_only_generate, greedy_generate, speculative_generate
+from kvdb.engines import Engine
 from kvdb.errors import ForeignFileError, KvdbError, NotBuiltError, ValidationError
 from kvdb.lm import LM, load_model
+from kvdb.passcost import PassPlan
+from kvdb.policy import DraftPolicy
 from kvdb.prompt import Reference, prompt_ids
 from kvdb.retrieve import QueryResult, Retriever
 from kvdb.runtime import Runtime
+from kvdb.sources import COPY_PRIORS, UNSURE_COPY_PRIORS, CopySource, ExactAnswerSource
 from kvdb.store.pairs import normalise
 
 
@@ -38,9 +42,10 @@ class Answer:
     baseline: dict[str, Any] | None = None  # --vs-greedy: plain greedy decoding of the same prompt
     max_new_tokens: int = 0  # the limit it was decoded under
 
-    def compare_with_greedy(self, lm: LM) -> dict[str, Any]:
-        """Decode the same prompt with plain greedy ``generate``: its time, our speedup, and token identity."""
-        base = greedy_generate(lm.model, self.prompt_ids, self.max_new_tokens or len(self.output_ids) or 1,
+    def compare_with_greedy(self, lm: LM, engine: Engine | None = None) -> dict[str, Any]:
+        """Decode the same prompt with plain greedy decoding (``generate``, or ``engine``'s own): its time, our
+        speedup, and token identity."""
+        base = greedy_generate(engine or lm.model, self.prompt_ids, self.max_new_tokens or len(self.output_ids) or 1,
                                lm.eos_ids)
         seconds = base.stats["seconds"]
         self.baseline = {"seconds": seconds, "speedup": round(seconds / self.stats["seconds"], 3)
@@ -123,6 +128,7 @@ class Answerer:
         self.retriever = self.knowledge.retriever
         self.notices: list[str] = []
         self._pass_plan: PassPlan | None = None
+        self._engine: Engine | None = None
         self.draft = None
         self.draft_name: str | None = None
         if use_draft:
@@ -208,8 +214,9 @@ class Answerer:
         result, ids, max_new_tokens = self.prepare(query, max_new_tokens, top_k, domain)
         book = self.knowledge.answer_book(max_new_tokens)
         sources = self.sources(ids, result, query, book, learned)
-        generated = speculative_generate(self.lm.model, ids, max_new_tokens, self.lm.eos_ids, sources, self.policy(),
+        generated = speculative_generate(self.engine, ids, max_new_tokens, self.lm.eos_ids, sources, self.policy(),
                                          on_tokens=on_tokens)
+        self.notices += generated.stats["notices"]
         if record and not any(isinstance(s, ExactAnswerSource) for s in sources):
             try:
                 # An answer to a rephrasing that retrieval is sure of is the model's wording about that pair:
@@ -236,12 +243,20 @@ class Answerer:
         answer.verified = False
         return answer
 
+    @property
+    def engine(self) -> Engine:
+        """The engine that runs the base model for every answer of this Answerer."""
+        if self._engine is None:
+            from kvdb.engines.transformers import TransformersEngine
+
+            self._engine = TransformersEngine(self.lm.model, fingerprint=self.lm.fingerprint)
+        return self._engine
+
     def policy(self) -> DraftPolicy:
-        """A fresh draft policy for one answer, with this machine's measured pass costs and kernels."""
+        """A fresh draft policy for one answer, with this machine's measured pass costs."""
         plan = self.pass_plan()
         return DraftPolicy(max_draft=self.rt.config.generation.max_draft_tokens,
-                           pass_costs=plan.costs if plan else None,
-                           transposed_rows=plan.transposed_rows if plan else frozenset())
+                           pass_costs=plan.costs if plan else None)
 
     def pass_costs(self) -> list[float] | None:
         """The pass-cost table of ``pass_plan`` alone (what the copy-ceiling benchmarks price passes with)."""
@@ -256,12 +271,12 @@ class Answerer:
 
             import torch
 
-            from kvdb.decode import measure_pass_plan
             from kvdb.fileio import atomic_write_bytes
+            from kvdb.passcost import measure_pass_plan
 
             lm = self.lm
-            key = (f"{lm.fingerprint[:16]}-{lm.device.type}-{str(lm.dtype).replace('torch.', '')}"
-                   f"-t{torch.get_num_threads()}")
+            key = (f"{lm.fingerprint[:16]}-{self.engine.name}-{lm.device.type}"
+                   f"-{str(lm.dtype).replace('torch.', '')}-t{torch.get_num_threads()}")
             path = self.rt.home.models_dir / "pass_costs" / f"{key}.json"
             try:
                 saved = json.loads(path.read_text())
@@ -273,20 +288,22 @@ class Answerer:
             except (OSError, ValueError, KeyError, TypeError):
                 self.notices.append("measuring this machine's verify-pass costs (once; kept under "
                                     f"{path.parent})")
-                plan = measure_pass_plan(lm.model, max_q=self.rt.config.generation.max_draft_tokens + 9)
+                plan = measure_pass_plan(self.engine, max_q=self.rt.config.generation.max_draft_tokens + 9)
                 try:
                     atomic_write_bytes(path, json.dumps({"key": key, "pass_costs": plan.costs,
                                                          "transposed_rows": sorted(plan.transposed_rows)}).encode())
                 except OSError:
                     pass  # a read-only home: measured again next time
             self._pass_plan = plan
+            if hasattr(self.engine, "transposed_rows"):
+                self.engine.transposed_rows = plan.transposed_rows  # the kernel measured fastest per pass length
         return self._pass_plan
 
     def warm_up(self) -> None:
         """A few untimed passes of each decoding path (the first passes of a process allocate and pick kernels)."""
         ids = self.lm.chat_ids([{"role": "user", "content": "Hello?"}], add_generation_prompt=True)
-        greedy_generate(self.lm.model, ids, 4, self.lm.eos_ids)
-        speculative_generate(self.lm.model, ids, 4, self.lm.eos_ids, [CopySource([ids], search_context=True)])
+        greedy_generate(self.engine, ids, 4, self.lm.eos_ids)
+        speculative_generate(self.engine, ids, 4, self.lm.eos_ids, [CopySource([ids], search_context=True)])
 
     def flush_notices(self) -> None:
         self.retriever.flush_notices()

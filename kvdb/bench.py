@@ -137,10 +137,10 @@ def run_bench(runtime, questions: Sequence[BenchQuestion], max_new_tokens: int |
 
     def kvdb(ids, result, query, learned):
         sources = answerer.sources(ids, result, query, book, learned=learned)
-        return speculative_generate(model, ids, max_new_tokens, lm.eos_ids, sources, answerer.policy())
+        return speculative_generate(answerer.engine, ids, max_new_tokens, lm.eos_ids, sources, answerer.policy())
 
     plans: dict[str, Callable] = {
-        "greedy": lambda ids, result, query: greedy_generate(model, ids, max_new_tokens, lm.eos_ids),
+        "greedy": lambda ids, result, query: greedy_generate(answerer.engine, ids, max_new_tokens, lm.eos_ids),
         "hf_prompt_lookup": lambda ids, result, query: greedy_generate(model, ids, max_new_tokens, lm.eos_ids,
                                                                        prompt_lookup_num_tokens=10),
         "hf_early_exit": lambda ids, result, query: greedy_generate(model, ids, max_new_tokens, lm.eos_ids,

@@ -1,16 +1,14 @@
 """How the base model's linear layers multiply in short passes: ``x @ W^T`` as PyTorch does, or ``(W @ x^T)^T``.
 
-A verify pass feeds a few rows (the last token plus the draft) through every linear layer. On one session's 2-core
-CPU, PyTorch's ``F.linear`` for 2-3 rows took a GEMM path that cost 1.7-2.2 one-row passes, while the same product
-written as ``(W @ x^T)^T`` (weights as the left operand, rows as columns) cost less than one (SmolLM2-135M fp32, a
-whole pass after 300 tokens: 1 row 40.6 ms; 2 rows 69.7 ms as F.linear, 37.2 ms transposed; 4 rows 64.8 / 37.5 ms;
-8 rows 72.7 / 55.1 ms). On another (2026-12-01, MKL 2024.2, AVX512) it was the other way round: 1 row 45-55 ms,
-2 rows 49-69 ms as F.linear and 112-121 ms transposed. Which is faster depends on the BLAS and the processor, so
-``decode.measure_pass_plan`` probes both and the engine uses the transposed form only for the lengths where it won.
+A verify pass feeds a few rows (the last token plus the draft) through every linear layer. For 2-8 rows, BLAS
+libraries may take a GEMM path that costs more than a one-row pass, while the same product written as
+``(W @ x^T)^T`` (weights as the left operand, rows as columns) may cost less; on other processors it is the other
+way round. So kvdb.passcost measures both per pass length, and the transformers engine (kvdb.engines.transformers)
+runs the transposed form only for the lengths where it won.
 
 Both are the same dot products summed in another order, so logits may differ in their last bits, as they already
-do between generate's one-row passes and any multi-row verify pass (decode's note on exactness): an argmax can only
-flip where the top two logits tie to rounding.
+do between generate's one-row passes and any multi-row verify pass (kvdb.decode's note on exactness): an argmax can
+only flip where the top two logits tie to rounding.
 """
 
 from __future__ import annotations

@@ -14,8 +14,10 @@ torch), so `kvdb build` can tell that nothing needs building in a fraction of a 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -207,6 +209,37 @@ class LayerTap:
         self.close()
 
 
+# The oldest transformers kvdb runs on, as setup.cfg's lower bound says: the first release whose models take their
+# KV cache as ``cache=``, the keyword every forward call that does not go through ``cache_keyword`` passes (an
+# earlier release would drop it into **kwargs and silently run without the cache).
+MIN_TRANSFORMERS = "5.24.0"
+
+
+def check_transformers() -> None:
+    """Refuse an installed transformers older than ``MIN_TRANSFORMERS``, with the command that fixes it."""
+    import transformers
+
+    def release(version: str) -> tuple[int, ...]:
+        return tuple(int(part) for part in re.findall(r"\d+", version)[:3])
+
+    found = transformers.__version__
+    if release(found) < release(MIN_TRANSFORMERS):
+        raise ModelError(f"kvdb needs transformers>={MIN_TRANSFORMERS} (found {found}): "
+                         f"pip install 'transformers>={MIN_TRANSFORMERS},<6'")
+
+
+def cache_keyword(model) -> str:
+    """The keyword under which ``model``'s forward takes its KV cache: ``cache`` (transformers 5.24 on) or
+    ``past_key_values`` (earlier releases). Passing the other one is not an error there: it vanishes into
+    ``**kwargs`` and the model runs without its cache, so the name is read from the signature, never guessed."""
+    params = inspect.signature(model.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    raise ModelError(f"{type(model).__name__}.forward takes neither cache= nor past_key_values=, so kvdb cannot "
+                     "run it over a KV cache; use a transformers causal LM (AutoModelForCausalLM)")
+
+
 def new_cache(model):
     """An empty KV cache for ``model`` (transformers' DynamicCache, sized from its config where it takes one)."""
     from transformers import DynamicCache
@@ -234,6 +267,7 @@ def load_model(cfg: ModelConfig, home: Home, device: str | None = None, dtype: s
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    check_transformers()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     ref = ref or resolve_model(cfg, home)

@@ -8,9 +8,11 @@ from collections import Counter
 import pytest
 import torch
 
-from kvdb.decode import (CopySource, DraftPolicy, ExactAnswerSource, GenerationResult, Proposal, expected_tokens,
-                         greedy_generate, speculative_generate)
+from kvdb.decode import GenerationResult, greedy_generate, speculative_generate
+from kvdb.engines.transformers import TransformersEngine
 from kvdb.errors import ModelError, ValidationError
+from kvdb.policy import DraftPolicy, expected_tokens
+from kvdb.sources import CopySource, ExactAnswerSource, Proposal
 from tests.tiny import make_model
 
 ARCHS = ("llama", "qwen3")
@@ -135,11 +137,13 @@ def _source_kinds(prompt, ref, vocab, rng):
         # A measured table where long passes are cheap: short drafts are verified in padded passes.
         "oracle-padded": ([Oracle(prompt, ref, vocab, corrupt=0.3, seed=3)],
                           DraftPolicy(pass_costs=[1.0, 3.0, 3.0, 3.0, 1.2, 3.0, 1.3, 1.4])),
-        # Passes of 2-12 inputs multiplied as (W @ x^T)^T, a one-token step padded to two (kvdb.kernels).
+        # Passes of 2-12 inputs multiplied as (W @ x^T)^T (KERNEL_ROWS), a one-token step padded to two.
         "transposed-kernels": ([Oracle(prompt, ref, vocab, corrupt=0.3, seed=5)],
-                               DraftPolicy(pass_costs=[1.0, 0.9, 1.0, 0.95, 1.1, 1.2, 1.3, 1.35],
-                                           transposed_rows=frozenset(range(2, 13)))),
+                               DraftPolicy(pass_costs=[1.0, 0.9, 1.0, 0.95, 1.1, 1.2, 1.3, 1.35])),
     }
+
+
+KERNEL_ROWS = {"transposed-kernels": frozenset(range(2, 13))}  # kvdb.kernels, run by the engine
 
 
 def test_speculative_output_equals_greedy_generate(models):
@@ -153,10 +157,12 @@ def test_speculative_output_equals_greedy_generate(models):
         ref = reference(model, prompt, max_new, eos)
         early_eos += len(ref) < max_new
         for kind, (sources, policy) in _source_kinds(prompt, ref, model.config.vocab_size, rng).items():
-            got = speculative_generate(model, prompt, max_new, eos, sources, policy)
+            engine = TransformersEngine(model, transposed_rows=KERNEL_ROWS.get(kind, ()))
+            got = speculative_generate(engine, prompt, max_new, eos, sources, policy)
             assert got.output_ids == ref, (arch, kind, len(prompt), max_new, eos)
             s = got.stats
-            assert s["new_tokens"] == len(got.output_ids)
+            assert s["new_tokens"] == len(got.output_ids) and s["engine"] == "transformers"
+            assert not s["notices"] and engine.n_positions == len(prompt) + len(ref) - 1
             assert 0 <= s["accepted"] <= s["drafted"]
             assert s["accepted"] <= s["new_tokens"]
             assert s["verify_steps"] <= max(len(ref) - 1, 0)  # never more forward passes than greedy
@@ -206,12 +212,12 @@ def test_stops_at_eos_inside_an_accepted_draft_and_at_the_limit(models):
 
 
 def test_on_tokens_streams_exactly_the_output(models, monkeypatch):
-    import kvdb.decode
+    import kvdb.engines.transformers
 
     def no_hooks(*_args):
         raise AssertionError("hooks registered although no source wants features")
 
-    monkeypatch.setattr(kvdb.decode, "LayerTap", no_hooks)
+    monkeypatch.setattr(kvdb.engines.transformers, "LayerTap", no_hooks)
     model = models["llama"]
     prompt = [12, 40, 41, 99, 5, 6]
     eos = [model.generation_config.eos_token_id]
@@ -433,7 +439,7 @@ def test_policy_corrects_the_table_by_the_passes_it_times():
 
 
 def test_measured_pass_costs_are_relative_to_one_token(models):
-    from kvdb.decode import measure_pass_costs, measure_pass_plan
+    from kvdb.passcost import measure_pass_costs, measure_pass_plan
 
     costs = measure_pass_costs(models["llama"], max_q=6, context=16, reps=1)
     assert len(costs) == 6 and costs[0] == 1.0 and all(c > 0 for c in costs)
@@ -499,7 +505,7 @@ def test_input_checks(models):
 
 
 def test_copy_priors_follow_origin_and_retrieval_confidence():
-    from kvdb.decode import UNSURE_COPY_PRIORS
+    from kvdb.sources import UNSURE_COPY_PRIORS
 
     seq = [9, 1, 2, 3, 4, 5, 6]
     sure, unsure = CopySource([seq]), CopySource([seq], priors=UNSURE_COPY_PRIORS)
@@ -518,9 +524,10 @@ def test_padding_stops_at_the_models_last_position(models, monkeypatch):
     seen = []
     real_verify = decode.verify
 
-    def spy(model_, state, draft, tap=None, pad=0):
-        seen.append(len(state.prompt_ids) + len(state.output) - 1 + len(draft) + 1 + pad)
-        return real_verify(model_, state, draft, tap, pad)
+    def spy(engine, state, draft, pad=0):
+        assert engine.n_positions == len(state.prompt_ids) + len(state.output) - 1  # DecodeState's invariant
+        seen.append(engine.n_positions + len(draft) + 1 + pad)
+        return real_verify(engine, state, draft, pad)
 
     monkeypatch.setattr(decode, "verify", spy)
     monkeypatch.setattr(model.config, "max_position_embeddings", len(prompt) + max_new)

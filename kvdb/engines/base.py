@@ -11,6 +11,11 @@ Exactness contract: ``verify`` must give, for every row, the argmax that a one-t
 give (the engine's own plain greedy decoding). Each engine states how it meets this (kvdb.engines.transformers:
 same dtype and device, up to floating-point ties; kvdb.engines.llama_cpp: a build whose batched rows are computed
 like single-token steps).
+
+Optional, for learned drafts that read the base model's hidden states: ``tap(layers)`` (1-based decoder layers to
+keep, ``()`` to stop) and ``features`` (layer -> [m, H] rows of the last prefill or verify pass still in the
+context, i.e. positions ``n_positions - m .. n_positions - 1``). The loop skips, with a notice, a source that wants
+features when the engine has no ``tap``.
 """
 
 from __future__ import annotations
