@@ -3,15 +3,14 @@ it on paraphrased questions it never saw (kvdb/data/paraphrases.jsonl; never tra
 
 Reports: held-out top-1 agreement with the base model along its own greedy answers (trained draft, the same draft
 without its knowledge, the untrained 3-layer early exit), split by pairs the draft trained on vs the held-out pairs;
-simulated tokens per verify step for draft lengths 1/2/4/8 (Leviathan et al.), with and without a confidence stop
-(Kangaroo); the trained draft's agreement split by where each base-model token could be copied from (the
+simulated tokens per verify step for draft lengths 1/2/4/8 (Leviathan et al.); the trained draft's agreement split by where each base-model token could be copied from (the
 recorded answer to the top pair's question, its reference answer, both, neither); the draft's per-token cost
 against one base-model token; an estimated speedup from those; and the wall-clock (and CPU) time of training, data
 preparation included.
 
     .venv/bin/python benchmarks/bench_draft.py                       # fresh temporary home, defaults
     .venv/bin/python benchmarks/bench_draft.py --home /tmp/bench-home --keep --json out.json
-    .venv/bin/python benchmarks/bench_draft.py --no-variants --contexts 2 --epochs 8
+    .venv/bin/python benchmarks/bench_draft.py --no-variants --epochs 8
 
 The CPU here is often shared; ``--threads 1`` is much faster than 2 when other processes keep both cores busy.
 Base answers, retrieval and the converted model are cached in the home, so a second run with ``--home`` only trains.
@@ -41,24 +40,17 @@ from kvdb.examples import load_examples  # noqa: E402
 from kvdb.lm import load_model  # noqa: E402
 from kvdb.prompt import prompt_ids  # noqa: E402
 from kvdb.runtime import Runtime  # noqa: E402
-from kvdb.train import (  # noqa: E402
-    DRAFT_LENGTHS,
-    AnswerBook,
-    AnswerRequest,
+from kvdb.evaluate import DRAFT_LENGTHS, match_vector, summarise  # noqa: E402
+from kvdb.losses import knowledge_of  # noqa: E402
+from kvdb.recorded import AnswerBook, AnswerRequest  # noqa: E402
+from kvdb.teacher import compute_answers, fill_answer_states  # noqa: E402
+from kvdb.train import frozen_states, train  # noqa: E402
+from kvdb.train_data import (  # noqa: E402
     Example,
     attach_recorded,
-    compute_answers,
     default_references,
-    fill_answer_states,
-    frozen_states,
-    knowledge_of,
     load_store_sources,
-    match_vectors,
-    simulate_with_stop,
     split_pairs,
-    summarise,
-    teacher_features,
-    train,
 )
 
 PARAPHRASES = Path(__file__).resolve().parent.parent / "kvdb" / "data" / "paraphrases.jsonl"
@@ -95,15 +87,13 @@ def paraphrase_examples(rt, lm, sources, limit: int, seed: int, rerank: bool | N
         requests.append(AnswerRequest(prompt_ids(lm, r["query"], refs), group=tuple(x.hash for x in refs)))
         meta.append((r, refs))
     book = AnswerBook(rt, lm, rt.config.generation.max_new_tokens, replace_stored=False)
-    compute_answers(book, requests, rt.config.training.answer_batch_size, progress, capture=True)
+    compute_answers(book, requests, rt.config.training.answer_batch_size, progress)
     out = []
     for req, (r, refs) in zip(requests, meta):
         ex = Example(by_question[r["source_question"]], r["query"], r.get("kind", "paraphrase"),
-                     [x.hash for x in refs if x.hash in sources.knowledge], req.prompt, req.output,
-                     features=req.features)
+                     [x.hash for x in refs if x.hash in sources.knowledge], req.prompt, req.output)
         ex.hit = by_question[r["source_question"]] in [x.hash for x in refs]
         out.append(ex)
-    teacher_features(lm, out)  # answers recorded by an earlier run come without them
     n = rt.config.draft.num_sampled_layers
     fill_answer_states(rt, lm, sorted({n, lm.num_layers}))
     recorded = load_recorded_knowledge(rt.store, lm.fingerprint, [p.hash for p in sources.pairs], n, lm.num_layers)
@@ -125,7 +115,7 @@ def by_origin(examples, matches, knowledge) -> dict:
     for e, m in zip(examples, matches):
         rec = e.recorded.next_ids.tolist() if e.recorded is not None else []
         ref = knowledge[e.refs[0]].next_ids.tolist() if e.refs and e.refs[0] in knowledge else []
-        for i, hit in enumerate(m[0]):
+        for i, hit in enumerate(m):
             kind = {(True, True): "recorded+reference", (True, False): "recorded", (False, True): "reference",
                     (False, False): "neither"}[(copyable(e.answer, rec, i), copyable(e.answer, ref, i))]
             c = out.setdefault(kind, [0, 0])
@@ -135,13 +125,8 @@ def by_origin(examples, matches, knowledge) -> dict:
     return {k: {"share": round(c[0] / total, 3), "top1": round(c[1] / c[0], 3)} for k, c in sorted(out.items())}
 
 
-def measure(draft, examples, knowledge, use_knowledge=True, full_vocab=False, steps=3, use_features=True):
-    matches, confs = [], []
-    for e in examples:
-        m, c, _ = match_vectors(draft, e, knowledge, use_knowledge, full_vocab, steps, use_features)
-        matches.append(m)
-        confs.append(c)
-    return matches, confs
+def measure(draft, examples, knowledge, use_knowledge=True, full_vocab=False) -> list[list[bool]]:
+    return [match_vector(draft, e, knowledge, use_knowledge, full_vocab)[0] for e in examples]
 
 
 @torch.inference_mode()
@@ -174,11 +159,11 @@ def per_token_costs(lm, draft, untrained, example, knowledge, repeats: int = 24)
         verify[str(k)] = (time.perf_counter() - t0) / reps
 
     def draft_cost(d, know, use_knowledge):
-        src = LearnedDraftSource(d, lm, know, use_knowledge=use_knowledge, stop_threshold=0.0)
+        src = LearnedDraftSource(d, lm, know, use_knowledge=use_knowledge)
         src.propose(ctx[:n0], 1)
         t0 = time.perf_counter()
-        for i in range(repeats):  # one drafted token: a forward of one token, its own feature estimate as input
-            src._feed([ctx[n0 + i]], src._last_z if src.uses_features else None)
+        for i in range(repeats):  # one drafted token: a forward of one token
+            src._feed([ctx[n0 + i]])
             int(src._next_logits.argmax())
         return (time.perf_counter() - t0) / repeats
 
@@ -209,7 +194,6 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--no-variants", action="store_true")
-    ap.add_argument("--contexts", type=int, default=None)
     ap.add_argument("--trainable-layers", type=int, default=None)
     ap.add_argument("--vocab-frequent", type=int, default=None)
     ap.add_argument("--holdout", type=float, default=None)
@@ -228,8 +212,6 @@ def main() -> None:
     training, draft_cfg = config.training, config.draft
     if args.no_variants:
         training = dataclasses.replace(training, use_variants=False)
-    if args.contexts:
-        training = dataclasses.replace(training, contexts_per_question=args.contexts)
     if args.holdout is not None:
         training = dataclasses.replace(training, holdout_fraction=args.holdout)
     if args.trainable_layers is not None:
@@ -278,16 +260,14 @@ def main() -> None:
         # The untrained early exit: the first n layers of the base model, its final norm and its full head.
         untrained = DraftModel(lm, dataclasses.replace(draft.cfg, vocab_frequent=0))
         frozen_states(draft, paras)
-        steps = training.unroll_steps if draft.feature_layer is not None else 1
         variants = {
-            "trained draft": measure(draft, paras, sources.knowledge, steps=steps),
-            "trained draft, knowledge off": measure(draft, paras, sources.knowledge, use_knowledge=False,
-                                                    steps=steps),
+            "trained draft": measure(draft, paras, sources.knowledge),
+            "trained draft, knowledge off": measure(draft, paras, sources.knowledge, use_knowledge=False),
             "untrained early exit": measure(untrained, paras, sources.knowledge, use_knowledge=False,
-                                            full_vocab=True, steps=1, use_features=False),
+                                            full_vocab=True),
         }
         table = {}
-        for name, (matches, confs) in variants.items():
+        for name, matches in variants.items():
             seen = [m for m, e in zip(matches, paras) if e.pair not in heldout_pairs]
             unseen = [m for m, e in zip(matches, paras) if e.pair in heldout_pairs]
             table[name] = {"all": summarise(matches), "trained_pairs": summarise(seen),
@@ -295,7 +275,7 @@ def main() -> None:
         results["paraphrases"] = {"count": len(paras), "retrieval_top_k_hit": sum(e.hit for e in paras),
                                   "heldout_pair_paraphrases": sum(e.pair in heldout_pairs for e in paras),
                                   "table": table,
-                                  "by_origin": by_origin(paras, variants["trained draft"][0], sources.knowledge)}
+                                  "by_origin": by_origin(paras, variants["trained draft"], sources.knowledge)}
 
         # -- costs and estimated speedups -------------------------------------------------------------------------
         longest = max(paras, key=lambda e: len(e.prompt) + len(e.answer))
@@ -311,22 +291,6 @@ def main() -> None:
             "untrained early exit": speedups(table["untrained early exit"]["all"]["draft_lengths"], costs,
                                              "early_exit_token"),
         }
-        matches, confs = variants["trained draft"]
-        tokens = sum(len(m[0]) for m in matches)
-        stops = {}
-        for tau in (0.0, 0.3, 0.5, 0.7, 0.9):
-            row = {}
-            for k in DRAFT_LENGTHS:
-                steps = acc = drafted = 0
-                for m, c in zip(matches, confs):
-                    s, a, d = simulate_with_stop(m, c, k, tau)
-                    steps, acc, drafted = steps + s, acc + a, drafted + d
-                step_cost = costs["verify"][str(k)] + drafted / steps * costs["draft_token"]
-                row[str(k)] = {"tokens_per_step": round(tokens / steps, 3),
-                               "drafted_per_step": round(drafted / steps, 2),
-                               "speedup": round(tokens / steps * costs["base_token"] / step_cost, 3)}
-            stops[str(tau)] = row
-        results["confidence_stop"] = stops
     finally:
         if temp is not None and not args.keep:
             shutil.rmtree(temp, ignore_errors=True)
@@ -361,11 +325,6 @@ def report(r: dict) -> None:
         unseen = f"{row['heldout_pairs']['top1_agreement']:.3f}" if row["heldout_pairs"] else "-"
         print(f"| {name} | {a['top1_agreement']:.3f} | {row['trained_pairs']['top1_agreement']:.3f} | {unseen} | " +
               " | ".join(f"{dl[str(k)]['tokens_per_step']:.2f}" for k in DRAFT_LENGTHS) + " |")
-    for name, row in p["table"].items():
-        by = row["all"].get("agreement_by_draft_position")
-        if by:
-            print(f"{name}: agreement of the 1st/2nd/3rd drafted token (given the ones before were right): "
-                  + " / ".join(f"{x:.3f}" for x in by))
     if p.get("by_origin"):
         print("trained draft by where the base model's token could be copied from (2-gram): " + "; ".join(
             f"{k} {v['share']:.0%} of tokens, top-1 {v['top1']:.3f}" for k, v in p["by_origin"].items()))
@@ -376,10 +335,6 @@ def report(r: dict) -> None:
           ", ".join(f"k={k} {v * 1000:.0f} ms" for k, v in c["verify"].items()))
     for name, s in r["estimated_speedup"].items():
         print(f"estimated speedup, {name}: " + ", ".join(f"k={k} {v:.2f}x" for k, v in s.items()))
-    print("confidence stop (trained draft): threshold -> k=8 tokens/step, drafted/step, est. speedup")
-    for tau, row in r["confidence_stop"].items():
-        print(f"  {tau}: " + "; ".join(f"k={k} {v['tokens_per_step']:.2f}/{v['drafted_per_step']:.1f}/"
-                                       f"{v['speedup']:.2f}x" for k, v in row.items()))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from kvdb.decode import DecodeState, greedy_generate, select_draft  # noqa: E402
 from kvdb.policy import DraftPolicy  # noqa: E402
 from kvdb.runtime import Runtime  # noqa: E402
 from kvdb.sources import CopySource  # noqa: E402
-from kvdb.train import AnswerBook  # noqa: E402
+from kvdb.recorded import AnswerBook  # noqa: E402
 
 
 def replay_policy(answerer: Answerer, book, query: str, result, ids: list[int], answer: list[int],

@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from kvdb.decode import draft_only_generate, greedy_generate, speculative_generate
-from kvdb.engines import Engine
+from kvdb.engines import Engine, engine_name, open_engine
+from kvdb.engines.statecache import PrefixReuse, StateCache
 from kvdb.errors import ForeignFileError, KvdbError, NotBuiltError, ValidationError
 from kvdb.lm import LM, load_model
 from kvdb.passcost import PassPlan
 from kvdb.policy import DraftPolicy
-from kvdb.prompt import Reference, prompt_ids
+from kvdb.prompt import Reference, prefix_boundaries, prompt_ids
+from kvdb.recorded import AnswerBook, AnswerRequest
 from kvdb.retrieve import QueryResult, Retriever
 from kvdb.runtime import Runtime
 from kvdb.sources import COPY_PRIORS, UNSURE_COPY_PRIORS, CopySource, ExactAnswerSource
@@ -71,7 +73,7 @@ class StoreKnowledge:
 
     def __init__(self, rt: Runtime, lm: LM):
         self.rt, self.lm = rt, lm
-        self._file_book = None
+        self._book = None
         self.retriever = Retriever(rt.config, rt.home, rt.store, lm=lm, model_fingerprint=lm.fingerprint)
 
     def recorded_answers(self, hashes: list[str]) -> list[list[int]]:
@@ -92,9 +94,9 @@ class StoreKnowledge:
                     out.append(unpack(row.data, row.checksum, "base answer")["output_ids"].tolist())
                 except KvdbError:
                     continue  # a damaged recording only costs speed; kvdb doctor reports it
-        if self._file_book is None:  # one book: it reads the file again only when it has changed
-            self._file_book = self.answer_book(self.rt.config.generation.max_new_tokens)
-        return out + self._file_book.answers_about(hashes)
+        if self._book is None:
+            self._book = self.answer_book(self.rt.config.generation.max_new_tokens)
+        return out + self._book.answers_about(hashes)
 
     def pair_knowledge(self, draft, hashes: list[str]):
         from kvdb.draft import load_knowledge
@@ -103,8 +105,6 @@ class StoreKnowledge:
 
     def answer_book(self, max_new_tokens: int):
         """Where answers to exact prompts are looked up and recorded."""
-        from kvdb.train import AnswerBook
-
         return AnswerBook(self.rt, self.lm, max_new_tokens, replace_stored=False)
 
 
@@ -127,8 +127,10 @@ class Answerer:
         self.from_cache = cache is not None
         self.retriever = self.knowledge.retriever
         self.notices: list[str] = []
-        self._pass_plan: PassPlan | None = None
-        self._engine: Engine | None = None
+        self._pass_plans: dict[str, PassPlan | None] = {}
+        self._engines: dict[str, Engine] = {}
+        self.engine_name = engine_name(rt.config.model.engine, self.lm)
+        self._states = None
         self.draft = None
         self.draft_name: str | None = None
         if use_draft:
@@ -158,15 +160,14 @@ class Answerer:
     def _check_limits(self, ids: list[int], max_new_tokens: int) -> None:
         if not 1 <= max_new_tokens <= 4096:
             raise ValidationError(f"--max-new-tokens must be between 1 and 4096, got {max_new_tokens}")
-        if len(ids) + max_new_tokens > self.lm.max_positions:
+        limit = min(self.lm.max_positions, self.engine.max_positions)
+        if len(ids) + max_new_tokens > limit:
             raise ValidationError(
                 f"the prompt is {len(ids)} tokens; with {max_new_tokens} new tokens it exceeds the model's context "
-                f"of {self.lm.max_positions}; ask a shorter question or lower --top-k / --max-new-tokens")
+                f"of {limit}; ask a shorter question or lower --top-k / --max-new-tokens")
 
     def sources(self, ids: list[int], result: QueryResult, query: str, book, learned: bool = True) -> list:
         """The draft sources for one prompt: a recorded answer to it, copies, and the learned draft (``learned``)."""
-        from kvdb.train import AnswerRequest
-
         sources: list = []
         if book is not None:
             request = AnswerRequest(prompt=ids, pair_hash=self._own_pair(result, query))
@@ -209,13 +210,12 @@ class Answerer:
     def answer(self, query: str, max_new_tokens: int | None = None, top_k: int | None = None,
                domain: str | None = None, on_tokens: Callable[[list[int]], None] | None = None,
                record: bool = True, learned: bool = True) -> Answer:
-        from kvdb.train import AnswerRequest
-
         result, ids, max_new_tokens = self.prepare(query, max_new_tokens, top_k, domain)
         book = self.knowledge.answer_book(max_new_tokens)
         sources = self.sources(ids, result, query, book, learned)
-        generated = speculative_generate(self.engine, ids, max_new_tokens, self.lm.eos_ids, sources, self.policy(),
-                                         on_tokens=on_tokens)
+        engine = self.engine
+        generated = speculative_generate(engine, ids, max_new_tokens, self.lm.eos_ids, sources, self.policy(engine),
+                                         on_tokens=on_tokens, reuse=self.reuse(engine, query, result, ids))
         self.notices += generated.stats["notices"]
         if record and not any(isinstance(s, ExactAnswerSource) for s in sources):
             try:
@@ -245,16 +245,31 @@ class Answerer:
 
     @property
     def engine(self) -> Engine:
-        """The engine that runs the base model for every answer of this Answerer."""
-        if self._engine is None:
-            from kvdb.engines.transformers import TransformersEngine
+        """The engine that runs the base model for every answer of this Answerer (model.engine, KVDB_ENGINE)."""
+        return self.engine_for(self.engine_name)
 
-            self._engine = TransformersEngine(self.lm.model, fingerprint=self.lm.fingerprint)
-        return self._engine
+    def engine_for(self, name: str) -> Engine:
+        """The engine ``name`` ("transformers" or "llama_cpp") on this Answerer's model, opened once."""
+        if name not in self._engines:
+            self._engines[name] = open_engine(name, self.lm, self.rt.config.model.threads)
+        return self._engines[name]
 
-    def policy(self) -> DraftPolicy:
-        """A fresh draft policy for one answer, with this machine's measured pass costs."""
-        plan = self.pass_plan()
+    def reuse(self, engine: Engine, query: str, result: QueryResult, ids: list[int]) -> PrefixReuse | None:
+        """Prefix-state reuse for one prompt on ``engine``: None where the engine cannot save its state or
+        prefix_states is off."""
+        cfg = self.rt.config.prefix_states
+        if not cfg.enabled or not callable(getattr(engine, "save_state", None)):
+            return None
+        if self._states is None:
+            self._states = StateCache(self.rt.home.models_dir / "states", memory_bytes=cfg.memory_mb << 20,
+                                      disk_bytes=cfg.disk_mb << 20)
+        refs = [Reference(m.question, m.answer) for m in result.matches]
+        return PrefixReuse(self._states, prefix_boundaries(self.lm, query, refs, ids))
+
+    def policy(self, engine: Engine | None = None) -> DraftPolicy:
+        """A fresh draft policy for one answer, with this machine's measured pass costs on ``engine`` (default:
+        this Answerer's)."""
+        plan = self.pass_plan(engine)
         return DraftPolicy(max_draft=self.rt.config.generation.max_draft_tokens,
                            pass_costs=plan.costs if plan else None)
 
@@ -263,10 +278,12 @@ class Answerer:
         plan = self.pass_plan()
         return plan.costs if plan else None
 
-    def pass_plan(self) -> PassPlan | None:
-        """Cost of a verify pass by length and the kernel for each, measured once per model, device, dtype and
-        thread count and kept under KVDB_HOME/models (17-30 s on 2 CPU cores); None where it cannot be measured."""
-        if self._pass_plan is None:
+    def pass_plan(self, engine: Engine | None = None) -> PassPlan | None:
+        """Cost of a verify pass by length on ``engine`` (default: this Answerer's) and the kernel for each,
+        measured once per model, engine, device, dtype and thread count and kept under KVDB_HOME/models (17-30 s on
+        2 CPU cores); None where it cannot be measured."""
+        engine = engine or self.engine
+        if engine.name not in self._pass_plans:
             import json
 
             import torch
@@ -275,8 +292,8 @@ class Answerer:
             from kvdb.passcost import measure_pass_plan
 
             lm = self.lm
-            key = (f"{lm.fingerprint[:16]}-{self.engine.name}-{lm.device.type}"
-                   f"-{str(lm.dtype).replace('torch.', '')}-t{torch.get_num_threads()}")
+            key = (f"{lm.fingerprint[:16]}-{engine.name}-{lm.device.type}"
+                   f"-{str(lm.dtype).replace('torch.', '')}-t{getattr(engine, 'n_threads', torch.get_num_threads())}")
             path = self.rt.home.models_dir / "pass_costs" / f"{key}.json"
             try:
                 saved = json.loads(path.read_text())
@@ -288,16 +305,16 @@ class Answerer:
             except (OSError, ValueError, KeyError, TypeError):
                 self.notices.append("measuring this machine's verify-pass costs (once; kept under "
                                     f"{path.parent})")
-                plan = measure_pass_plan(self.engine, max_q=self.rt.config.generation.max_draft_tokens + 9)
+                plan = measure_pass_plan(engine, max_q=self.rt.config.generation.max_draft_tokens + 9)
                 try:
                     atomic_write_bytes(path, json.dumps({"key": key, "pass_costs": plan.costs,
                                                          "transposed_rows": sorted(plan.transposed_rows)}).encode())
                 except OSError:
                     pass  # a read-only home: measured again next time
-            self._pass_plan = plan
-            if hasattr(self.engine, "transposed_rows"):
-                self.engine.transposed_rows = plan.transposed_rows  # the kernel measured fastest per pass length
-        return self._pass_plan
+            self._pass_plans[engine.name] = plan
+            if hasattr(engine, "transposed_rows"):
+                engine.transposed_rows = plan.transposed_rows  # the kernel measured fastest per pass length
+        return self._pass_plans[engine.name]
 
     def warm_up(self) -> None:
         """A few untimed passes of each decoding path (the first passes of a process allocate and pick kernels)."""

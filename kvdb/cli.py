@@ -443,7 +443,7 @@ def _generate(ctx, queries, many, top_k, domain, max_new_tokens, draft_path, no_
 
 def _vs_greedy(rt, answerer, result) -> dict[str, Any]:
     """--vs-greedy: plain greedy on the same prompt; for a draft-only answer also `kvdb compare` of the two texts."""
-    baseline = result.compare_with_greedy(answerer.lm)
+    baseline = result.compare_with_greedy(answerer.lm, answerer.engine)
     if not result.verified:
         from kvdb.similarity import compare_texts
 

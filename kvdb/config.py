@@ -35,6 +35,11 @@ class ModelConfig:
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     # None keeps the model's own default system prompt (if its template has one).
     system_prompt: str | None = None
+    # The engine that answers (kvdb.engines): auto (llama.cpp for a GGUF source on the CPU when llama-cpp-python is
+    # installed, transformers otherwise), transformers, or llama_cpp. Env KVDB_ENGINE wins.
+    engine: str = "auto"
+    # CPU threads of the llama.cpp engine; 0: as many as torch uses.
+    threads: int = 0
 
 
 @dataclass(frozen=True)
@@ -89,33 +94,22 @@ class DraftConfig:
     knowledge_heads: int = 4
     max_knowledge_tokens: int = 512
     # The last ``trainable_layers`` of the sampled layers are fine-tuned copies; the ones before stay the base
-    # model's own (shared, not stored in checkpoints, run once per training example); None: all of them. Measured
-    # on the default set (5 epochs, held-out pairs): 1 layer 0.321 held-out top-1 in 3.6 minutes, all 3 layers 0.361
-    # in 5.6 minutes (data preparation included). Drafting costs the same either way.
+    # model's own (shared, not stored in checkpoints, run once per training example); None: all of them. Fewer
+    # train faster and learn less; drafting costs the same either way.
     trainable_layers: int | None = None
     # Draft vocabulary: the first ``vocab_frequent`` ids (BPE orders merges by frequency) plus every token of the
     # prompt and the knowledge; 0 keeps the full head. The base model verifies, so this changes speed only.
     vocab_frequent: int = 4096
-    # Stop drafting when the draft's top-token probability falls below this (Kangaroo); 0 always drafts k tokens.
-    stop_threshold: float = 0.0
-    # EAGLE: the trained layers also read the base model's final hidden state of the previous token (the decoding
-    # engine passes those of verified tokens). Off by default: on the default set (SmolLM2, 168 training answers)
-    # it moved held-out top-1 by +0.01..0.02 while costing unrolled training steps and a feature tap in decoding.
-    use_base_features: bool = False
     # Also attend to the base model's own recorded answer to the top retrieved pair's question (its layer-n and
     # last-layer states over that answer, kept with the recording in ``base_answers``): a paraphrase is answered
-    # much as the stored question was, in the base model's words rather than the reference's. Measured on the
-    # default set (SmolLM2, 3 layers, 5 epochs, same data): held-out top-1 0.353 -> 0.407; on 60 paraphrases never
-    # trained on (benchmarks/bench_draft.py --eval-only) 0.361 -> 0.400. Costs ~23 s of training data preparation.
+    # much as the stored question was, in the base model's words rather than the reference's.
     recorded_knowledge: bool = True
 
 
 @dataclass(frozen=True)
 class TrainingConfig:
     batch_size: int = 8
-    # Measured on the default set (SmolLM2, held-out pairs): the seed's 3e-5 moved one fine-tuned layer too
-    # little in 5 epochs of ~21 steps (top-1 0.28); 3e-4 reaches 0.31-0.33 by epoch 3-4 (configs/*.yaml say
-    # so too).
+    # The fine-tuned layers' rate (the seed used 3e-5, which moves them too little in a few epochs).
     learning_rate: float = 3e-4
     num_epochs: int = 5
     save_every: int = 5
@@ -125,25 +119,6 @@ class TrainingConfig:
     knowledge_learning_rate: float = 1e-3
     # Training questions per pair: the pair's question, plus its metadata["variants"] rephrasings when true.
     use_variants: bool = True
-    # Retrieved-pair contexts per question: the first is what retrieval gives; each further one is the question's
-    # own pair among random others, shuffled (the base model answers each context once). Measured (default set,
-    # recorded-answer knowledge on, 5 epochs): 2 gave held-out top-1 0.354 0.357 0.387 0.359 0.365 per epoch
-    # against 0.315 0.391 0.414 0.379 0.407 with 1, in 8.2 minutes instead of 6.2.
-    contexts_per_question: int = 1
-    # EAGLE-style feature loss: smooth-L1 of the draft's final hidden state to the base model's, beside the token
-    # loss (a weight of 0 turns it off).
-    feature_loss_weight: float = 0.0
-    # Soft targets (distillation on the base model's distribution, not only its argmax): the weight of the
-    # cross-entropy to the base model's top ``soft_target_top_k`` next-token probabilities at each answer position,
-    # beside the greedy-token loss (0 turns it off). Off by default: on the default set (SmolLM2, 3 layers, 5 epochs,
-    # same data) weight 1.0 gave held-out top-1 0.284 0.379 0.396 0.390 0.395 per epoch against 0.315 0.391 0.414
-    # 0.379 0.407 without, for ~40 s more data preparation.
-    soft_target_weight: float = 0.0
-    soft_target_top_k: int = 32
-    # Sampled answers per training question (temperature ``sample_temperature``), each labelled with the base
-    # model's greedy token after every sampled prefix: more distillation targets near the greedy path.
-    samples_per_question: int = 0
-    sample_temperature: float = 0.8
     # Batch size of the base model's greedy answers (data preparation).
     answer_batch_size: int = 16
     # Retrieve each pair's own question exactly as `kvdb query` does (re-ranking when index.rerank is on), so the
@@ -152,9 +127,15 @@ class TrainingConfig:
     # pair (variants share their pair's references); false: embedding search only (the draft reads whichever
     # pairs it is given, but verbatim questions then miss their recording until asked once).
     rerank_references: bool = True
-    # Draft steps unrolled in training (EAGLE-3's training-time test): step i reads the draft's own feature
-    # estimates for the i positions before it, as when it drafts i tokens past the verified ones.
-    unroll_steps: int = 3
+
+
+@dataclass(frozen=True)
+class PrefixStatesConfig:
+    # Keep the llama.cpp engine's KV state of recurring prompt prefixes (the instruction, the system turn with its
+    # references, whole prompts) and restore it instead of recomputing it; exact, keyed by token ids and engine.
+    enabled: bool = True
+    memory_mb: int = 256  # in-process LRU
+    disk_mb: int = 2048  # under KVDB_HOME/models/states; oldest files go first
 
 
 @dataclass(frozen=True)
@@ -173,6 +154,7 @@ class Config:
     draft: DraftConfig = field(default_factory=DraftConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    prefix_states: PrefixStatesConfig = field(default_factory=PrefixStatesConfig)
     source: str = "built-in defaults"  # where it was read from; not a YAML key
 
 

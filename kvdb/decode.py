@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from kvdb.engines import Engine, as_engine
+from kvdb.engines.statecache import PrefixReuse
 from kvdb.errors import ValidationError
 from kvdb.policy import DraftPolicy
 from kvdb.sources import DraftSource, Proposal
@@ -87,9 +88,12 @@ class DecodeState:
 
 
 def prefill(engine: Engine, prompt_ids: list[int], max_new_tokens: int = 1,
-            eos_ids: Sequence[int] = ()) -> DecodeState:
-    """Run the prompt into a fresh context; the first new token is the engine's argmax after the prompt."""
-    first = engine.prefill(prompt_ids)
+            eos_ids: Sequence[int] = (), reuse: PrefixReuse | None = None) -> DecodeState:
+    """Run the prompt into a fresh context; the first new token is the engine's argmax after the prompt.
+
+    With ``reuse`` the longest stored state of a recurring prefix is restored instead of recomputed (exact: the
+    engine's rows do not depend on how the prompt was split into passes)."""
+    first = reuse.prefill(engine, prompt_ids) if reuse is not None else engine.prefill(prompt_ids)
     state = DecodeState(list(prompt_ids), [first], max_new_tokens, frozenset(eos_ids), engine.vocab_size)
     state.done = first in state.eos_ids or max_new_tokens <= 1
     return state
@@ -194,7 +198,8 @@ class _Tally:
 @torch.inference_mode()
 def speculative_generate(engine, prompt_ids: list[int], max_new_tokens: int, eos_ids: Sequence[int],
                          sources: Sequence[DraftSource] = (), policy: DraftPolicy | None = None,
-                         on_tokens: Callable[[list[int]], None] | None = None) -> GenerationResult:
+                         on_tokens: Callable[[list[int]], None] | None = None,
+                         reuse: PrefixReuse | None = None) -> GenerationResult:
     """Greedy decoding of ``engine`` (an Engine, or a Hugging Face model, wrapped) after ``prompt_ids``,
     accelerated by draft ``sources``; output identical to the engine's plain greedy decoding (new tokens only,
     eos included)."""
@@ -209,7 +214,7 @@ def speculative_generate(engine, prompt_ids: list[int], max_new_tokens: int, eos
         engine.tap(layers)  # no hooks at all when nobody asks for features
     try:
         t0 = time.perf_counter()
-        state = prefill(engine, prompt_ids, max_new_tokens, eos_ids)
+        state = prefill(engine, prompt_ids, max_new_tokens, eos_ids, reuse)
         ttft = time.perf_counter() - t0
         state.notices[:0] = notices
         _emit(state.output, on_tokens)

@@ -17,8 +17,9 @@ import numpy as np
 
 from kvdb.config import Config, Home
 from kvdb.errors import ForeignFileError, NotFoundError
-from kvdb.export import load_cache, recorded_entry, variant_entries
+from kvdb.export import load_cache, pair_tensors, recorded_entry, variant_entries
 from kvdb.index import VectorIndex
+from kvdb.recorded import usable_answer
 from kvdb.retrieve import SLOTS, Match, Retriever, field_vectors, index_spec
 
 
@@ -97,9 +98,8 @@ class CacheKnowledge:
             i = self._position.get(h)
             if i is None:
                 continue
-            tensors = {**self.cache["token_vectors"][i], "token_ids": self.cache["token_ids"][i]}
-            pairs.append(PairKnowledge.from_vectors(h, tensors, int(self.cache["answer_starts"][i]),
-                                                    draft.key_layer, draft.value_layer))
+            tensors, answer_start = pair_tensors(self.cache, i)
+            pairs.append(PairKnowledge.from_vectors(h, tensors, answer_start, draft.key_layer, draft.value_layer))
         top = self.recording(hashes[0]) if hashes else None
         recorded = PairKnowledge.from_answer(hashes[0], top, draft.key_layer, draft.value_layer) if top else None
         return knowledge_for(draft, pairs, recorded)
@@ -116,8 +116,6 @@ class CacheAnswers:
         self.knowledge, self.max_new_tokens = knowledge, max_new_tokens
 
     def lookup(self, requests) -> None:
-        from kvdb.train import usable_answer
-
         for r in requests:
             entry = self.knowledge.recording(r.pair_hash) if r.pair_hash else None
             if entry is not None and entry["prompt_ids"].tolist() == list(r.prompt):

@@ -23,7 +23,7 @@ from sqlalchemy import delete, exc, select
 
 from kvdb.errors import CorruptError, KvdbError
 from kvdb.store.blobs import unpack
-from kvdb.store.models import BaseAnswer, Embedding, Pair, PairVectors
+from kvdb.store.models import BaseAnswer, Embedding, Pair, PairVectors, RecordedAnswer
 
 OK, PROBLEM, REPAIRED, SKIPPED = "ok", "problem", "repaired", "skipped"
 
@@ -138,6 +138,9 @@ _BLOB_TABLES = (
     (Embedding, "embedding", "kvdb build"),
     (BaseAnswer, "base answer", "kvdb train"),
 )
+# Blobs checked against their checksums: the above, and recorded answers (about a pair that may live only in a cache
+# file, so never orphans).
+_CHECKSUMMED = _BLOB_TABLES + ((RecordedAnswer, "recorded answer", "kvdb query --generate"),)
 
 
 def _check_orphans(report: Report, store, repair: bool) -> None:
@@ -239,11 +242,11 @@ def _blob_problem(model, row, what: str) -> str | None:
 def _check_blobs(report: Report, store, repair: bool) -> None:
     counted: dict[str, int] = {}
     bad: list[tuple[Any, int, str, str]] = []  # model, row id, pair hash, why
-    for model, what, _ in _BLOB_TABLES:
+    for model, what, _ in _CHECKSUMMED:
         n = 0
         for row in _blob_rows(store, model):
             n += 1
-            why = _blob_problem(model, row, f"{what} of pair {row[1][:12]}")
+            why = _blob_problem(model, row, f"{what} of pair {(row[1] or '-')[:12]}")
             if why is not None:
                 bad.append((model, row[0], row[1], why))
         counted[what] = n
@@ -258,8 +261,9 @@ def _check_blobs(report: Report, store, repair: bool) -> None:
             if any(model is Embedding for model, *_ in bad):
                 store.bump_revision(session)
     for model, row_id, pair, why in bad:
-        what, how = next((w, h) for m, w, h in _BLOB_TABLES if m is model)
-        where = f"the {what} blob of pair {pair[:12]} ({model.__tablename__} row {row_id})"
+        what, how = next((w, h) for m, w, h in _CHECKSUMMED if m is model)
+        about = f" of pair {pair[:12]}" if pair else ""
+        where = f"the {what} blob{about} ({model.__tablename__} row {row_id})"
         if repair:
             report.add("blobs", REPAIRED, f"deleted {where}, which {why}; run `{how}` to make it again")
         else:

@@ -12,11 +12,7 @@ The knowledge is what ``kvdb build`` stored for the retrieved pairs: per answer 
 the last layer's output (the value: after the final norm it *is* the base model's prediction of the token after s),
 and the token at s+1 (the pointer: copy it). A learned sink lets a head attend to nothing.
 
-Optionally (``draft.use_base_features``, EAGLE) the trained layers also read the base model's final hidden state of
-the previous token, which the decoding engine hands over for verified tokens; for tokens still being drafted the
-draft's own ``z`` stands in (training unrolls the draft steps so that it learns to work from its own estimates).
-
-Only what training changes goes into a checkpoint: the trained layers, the fusion and the knowledge module. The
+Only what training changes goes into a checkpoint: the trained layers and the knowledge module. The
 embedding, the frozen first layers, the final norm and the LM head stay the base model's and are shared, never
 duplicated. ``LearnedDraftSource`` drafts for kvdb.decode with its own KV cache; ``load_draft`` reads a checkpoint.
 
@@ -360,10 +356,6 @@ class DraftCache:
             self.keys[i] = self.keys[i][..., :length, :]
             self.values[i] = self.values[i][..., :length, :]
 
-    def reset(self) -> None:
-        self.keys.clear()
-        self.values.clear()
-
 
 def _cache_kwarg(layer: nn.Module) -> str:
     """The name transformers gives the cache argument of a decoder layer (it changed across versions)."""
@@ -376,12 +368,7 @@ def _cache_kwarg(layer: nn.Module) -> str:
 
 class DraftModel(nn.Module):
     """See the module docstring. ``lm`` is a loaded :class:`kvdb.lm.LM`; its modules are shared, not copied, except
-    the trained layers.
-
-    With ``use_base_features`` (EAGLE) the input of the trained layers at position t also gets the base model's own
-    final hidden state at t-1 (after its final norm: what its head reads). For verified tokens the decoding engine
-    hands those over (``wants_features``); for tokens the draft is still guessing it uses its own final hidden state
-    ``z`` there instead, which training teaches to approximate the base model's (``unroll`` in kvdb.train)."""
+    the trained layers."""
 
     def __init__(self, lm, cfg: DraftConfig, static_vocab: torch.Tensor | None = None):
         super().__init__()
@@ -392,9 +379,6 @@ class DraftModel(nn.Module):
                                   f"{lm.ref.name}; got {n}")
         if not 0 <= t <= n:
             raise ValidationError(f"draft.trainable_layers must be between 0 and num_sampled_layers ({n}); got {t}")
-        if cfg.use_base_features and t < 1:
-            raise ValidationError("draft.use_base_features needs draft.trainable_layers of at least 1 (the base "
-                                  "features enter the trained layers)")
         import copy
 
         self.cfg = cfg
@@ -404,7 +388,6 @@ class DraftModel(nn.Module):
         self.hidden_size: int = lm.hidden_size
         self.vocab_size: int = lm.model.get_output_embeddings().weight.shape[0]
         self.key_layer, self.value_layer = n, lm.num_layers
-        self.feature_layer: int | None = lm.num_layers if cfg.use_base_features else None
         self.frozen_layers = n - t  # layers 1..n-t are the base's own modules
         # Shared with the base model (not registered as submodules, so never in state_dict or the optimiser).
         self._shared = {
@@ -416,13 +399,6 @@ class DraftModel(nn.Module):
         self.layers = nn.ModuleList(trained)
         for p in self.layers.parameters():
             p.requires_grad_(True)
-        if cfg.use_base_features:
-            self.feature_norm = RMSNorm(lm.hidden_size)
-            self.fuse = nn.Linear(lm.hidden_size, lm.hidden_size, bias=False)
-            with torch.no_grad():
-                self.fuse.weight.zero_()  # untrained: the plain early exit
-            self.feature_norm.to(lm.device, lm.dtype)
-            self.fuse.to(lm.device, lm.dtype)
         self.knowledge = KnowledgeAttention(lm.hidden_size, cfg.knowledge_heads)
         self.knowledge.to(lm.device, lm.dtype)
         eos = sorted(set(lm.eos_ids))
@@ -446,15 +422,8 @@ class DraftModel(nn.Module):
     def head_weight(self) -> torch.Tensor:
         return self._shared["head"].weight
 
-    def all_layers(self) -> list[nn.Module]:
-        return [*self._shared["frozen"], *self.layers]
-
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
-
-    def base_norm(self, states: torch.Tensor) -> torch.Tensor:
-        """The base model's final norm: its last layer's output -> what its head reads (the feature space)."""
-        return self._shared["norm"](states)
 
     # -- vocabulary ---------------------------------------------------------------------------------------------
     def vocab_for(self, *token_lists: Iterable[int] | torch.Tensor) -> torch.Tensor:
@@ -488,12 +457,10 @@ class DraftModel(nn.Module):
         return mask.view(1, 1, t, past + t).expand(b, 1, t, past + t)
 
     def run_layers(self, hidden: torch.Tensor, layers: Sequence[nn.Module], past: int = 0,
-                   cache: DraftCache | None = None, mask: torch.Tensor | None = None,
-                   position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                   cache: DraftCache | None = None) -> torch.Tensor:
         b, t, _ = hidden.shape
-        if position_ids is None:
-            position_ids = (torch.arange(t, device=hidden.device) + past).unsqueeze(0).expand(b, t)
-            mask = self._mask(t, past, b)
+        position_ids = (torch.arange(t, device=hidden.device) + past).unsqueeze(0).expand(b, t)
+        mask = self._mask(t, past, b)
         position_embeddings = self._shared["rotary"](hidden, position_ids)
         for layer in layers:
             out = layer(hidden, attention_mask=mask, position_ids=position_ids,
@@ -509,54 +476,41 @@ class DraftModel(nn.Module):
             hidden = self.run_layers(hidden, self._shared["frozen"], past, cache)
         return hidden
 
-    def upper(self, hidden: torch.Tensor, feats: torch.Tensor | None = None, past: int = 0,
-              cache: DraftCache | None = None, mask: torch.Tensor | None = None,
-              position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Frozen-layer output [B,T,H] (+ features of the previous positions [B,T,H]) -> layer n output h."""
-        if self.feature_layer is not None and feats is not None:
-            hidden = hidden + self.fuse(self.feature_norm(feats.to(hidden.dtype)))
-        return self.run_layers(hidden, self.layers, past, cache, mask, position_ids)
+    def upper(self, hidden: torch.Tensor, past: int = 0, cache: DraftCache | None = None) -> torch.Tensor:
+        """Frozen-layer output [B,T,H] -> layer n output h (the trained layers)."""
+        return self.run_layers(hidden, self.layers, past, cache)
 
-    def trunk(self, input_ids: torch.Tensor, feats: torch.Tensor | None = None, past: int = 0,
-              cache: DraftCache | None = None) -> torch.Tensor:
+    def trunk(self, input_ids: torch.Tensor, past: int = 0, cache: DraftCache | None = None) -> torch.Tensor:
         """ids [B,T] -> h [B,T,H]: the output of layer n (pre-norm)."""
-        return self.upper(self.lower(input_ids, past, cache), feats, past, cache)
+        return self.upper(self.lower(input_ids, past, cache), past, cache)
 
     def final(self, h: torch.Tensor, mem: KnowledgeBatch | None, use_knowledge: bool = True) -> torch.Tensor:
-        """h [B,T,H] (layer n output) -> z [B,T,H], the state the head reads (and the draft's feature estimate)."""
+        """h [B,T,H] (layer n output) -> z [B,T,H], the state the head reads."""
         z = self._shared["norm"](h)
         if use_knowledge and mem is not None and mem.keys.shape[1] > 0:
             z = z + self.knowledge(h, mem).to(z.dtype)
         return z
 
     def head(self, h: torch.Tensor, head_rows: torch.Tensor, mem: KnowledgeBatch | None,
-             use_knowledge: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """h [B,T,H] (layer n output) -> (logits over the draft vocabulary [B,T,V'], final hidden z [B,T,H])."""
-        z = self.final(h, mem, use_knowledge)
-        return z @ head_rows.T, z  # [B, T, V'], [B, T, H]
+             use_knowledge: bool = True) -> torch.Tensor:
+        """h [B,T,H] (layer n output) -> logits over the draft vocabulary [B,T,V']."""
+        return self.final(h, mem, use_knowledge) @ head_rows.T
 
     def forward(self, input_ids: torch.Tensor, vocab: torch.Tensor, mem: KnowledgeBatch | None = None,
-                use_knowledge: bool = True, feats: torch.Tensor | None = None) -> torch.Tensor:
-        """Teacher-forced logits over ``vocab`` for every position: [B, T, V']. ``feats[:, t]`` is the (normed)
-        base feature of position t-1."""
-        h = self.trunk(input_ids, feats)
-        logits, _ = self.head(h, self.head_weight[vocab.to(self.device)], mem, use_knowledge)
-        return logits
+                use_knowledge: bool = True) -> torch.Tensor:
+        """Teacher-forced logits over ``vocab`` for every position: [B, T, V']."""
+        h = self.trunk(input_ids)
+        return self.head(h, self.head_weight[vocab.to(self.device)], mem, use_knowledge)
 
     # -- persistence --------------------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
         return {"base_name": self.base_name, "fingerprint": self.fingerprint, "hidden_size": self.hidden_size,
                 "vocab_size": self.vocab_size, "key_layer": self.key_layer, "value_layer": self.value_layer,
-                "feature_layer": self.feature_layer, "draft_config": asdict(self.cfg)}
+                "draft_config": asdict(self.cfg)}
 
     def trained_state(self) -> dict[str, torch.Tensor]:
-        """What a checkpoint holds: trained layers, fusion, knowledge module, static vocabulary."""
+        """What a checkpoint holds: trained layers, knowledge module, static vocabulary."""
         return {k: v.detach().cpu() for k, v in self.state_dict().items()}
-
-
-def untrained_draft(lm, cfg: DraftConfig) -> DraftModel:
-    """The plain early exit: the first n layers, the final norm and head, the knowledge module still a no-op."""
-    return DraftModel(lm, cfg)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -654,6 +608,9 @@ def draft_config_from(payload: dict[str, Any]) -> DraftConfig:
     if not isinstance(raw, dict):
         raise CorruptError("the checkpoint's draft config is malformed; train again")
     raw = {"recorded_knowledge": False, **raw}
+    if raw.get("use_base_features"):
+        raise ForeignFileError("the checkpoint's draft reads the base model's features, which this kvdb no longer "
+                               "supports; train a new draft with `kvdb train`")
     try:
         return DraftConfig(**{k: v for k, v in raw.items() if k in known})
     except TypeError:
@@ -733,33 +690,20 @@ class LearnedDraftSource:
 
     Keeps a KV cache of the draft's layers for the tokens it has seen. Each ``propose`` first aligns the cache with
     the context (the longest common prefix survives; rejected draft tokens are cropped away), feeds the new context
-    tokens in one forward, then drafts up to ``k`` tokens one at a time. With ``stop_threshold`` > 0 it stops early
-    once the draft's probability of its own top token falls below it (Kangaroo's confidence exit): a token the draft
-    doubts is likely rejected and costs a draft step for nothing.
-
-    A draft with base features asks the engine for the base model's last layer (``wants_features``) and keeps those
-    of verified positions; positions it drafted were computed with its own estimates, so once the base model has
-    verified them they are recomputed from the exact features (the cache keeps only exactly computed positions).
+    tokens in one forward, then drafts up to ``k`` tokens one at a time.
     """
 
     name = "learned-draft"
+    wants_features: tuple[int, ...] = ()  # reads no base-model hidden states
 
-    def __init__(self, draft: DraftModel, lm, knowledge: Knowledge | None = None, stop_threshold: float | None = None,
-                 use_knowledge: bool = True, use_features: bool = True):
+    def __init__(self, draft: DraftModel, lm, knowledge: Knowledge | None = None, use_knowledge: bool = True):
         self.draft = draft
         self.lm = lm
         self.knowledge = knowledge if knowledge is not None else Knowledge.empty(draft.hidden_size)
         self.use_knowledge = use_knowledge
-        self.stop_threshold = draft.cfg.stop_threshold if stop_threshold is None else stop_threshold
-        self.uses_features = draft.feature_layer is not None and use_features
-        self.wants_features: tuple[int, ...] = (draft.feature_layer,) if self.uses_features else ()
         self.cache = DraftCache()
         self._ids: list[int] = []  # tokens whose K/V are in the cache
-        self._exact = 0  # leading cached positions computed from exact inputs
         self._next_logits: torch.Tensor | None = None  # draft logits after the last cached token [V']
-        self._last_z: torch.Tensor | None = None  # draft's final hidden state there [1, 1, H]
-        self._feat = torch.zeros(0, draft.hidden_size, dtype=draft.dtype, device=draft.device)  # normed, by position
-        self._known: list[bool] = []
         self._vocab: torch.Tensor | None = None
         self._vocab_len = 0  # context length the vocabulary was built from
         self._rows: torch.Tensor | None = None
@@ -782,65 +726,30 @@ class LearnedDraftSource:
                 self._mem.projected = d.knowledge.project(self._mem)
         self._vocab_len = len(context)
 
-    def _feature_inputs(self, start: int, count: int) -> tuple[torch.Tensor, int]:
-        """Inputs for positions start..start+count-1 (each reads the feature of the position before it), and how
-        many of them, from the first, are exact."""
-        d = self.draft
-        feats = torch.zeros(1, count, d.hidden_size, dtype=d.dtype, device=d.device)
-        exact = 0
-        still = True
-        for i in range(count):
-            t = start + i
-            if t == 0:
-                ok = True  # position 0 has no previous token: zeros, as in training
-            elif t - 1 < len(self._known) and self._known[t - 1]:
-                feats[0, i] = self._feat[t - 1]
-                ok = True
-            else:
-                ok = False
-            still = still and ok
-            exact += still
-        return feats, exact
-
     @torch.inference_mode()
-    def _feed(self, tokens: list[int], feats: torch.Tensor | None) -> None:
+    def _feed(self, tokens: list[int]) -> None:
         d = self.draft
-        past = len(self._ids)
         ids = torch.tensor([tokens], dtype=torch.long, device=d.device)
-        h = d.trunk(ids, feats, past=past, cache=self.cache)[:, -1:]  # only the last position is ever needed
-        logits, z = d.head(h, self._rows, self._mem, self.use_knowledge)
-        self._next_logits = logits[0, -1]
-        self._last_z = z
+        h = d.trunk(ids, past=len(self._ids), cache=self.cache)[:, -1:]  # only the last position is ever needed
+        self._next_logits = d.head(h, self._rows, self._mem, self.use_knowledge)[0, -1]
         self._ids.extend(tokens)
         self.forwards += 1
 
     def _sync(self, context: list[int]) -> None:
         n = min(len(self._ids), len(context))
-        common = 0
-        if n and self._ids[:n] == context[:n]:
-            common = n
-        else:
-            while common < n and self._ids[common] == context[common]:
-                common += 1
+        common = n if n and self._ids[:n] == context[:n] else 0
+        while common < n and self._ids[common] == context[common]:
+            common += 1
         if common < self._vocab_len or self._vocab is None:
             self._build_vocab(context)
-        # Keep what is shared, exactly computed, and leaves at least the last context token to run again (its
-        # logits are the next draft token's).
-        keep = min(common, len(context) - 1, self._exact)
+        # Keep what is shared and leaves at least the last context token to run again (its logits are the next
+        # draft token's).
+        keep = min(common, len(context) - 1)
         if keep < len(self._ids):
             self.cache.crop(keep)
             del self._ids[keep:]
-            self._exact = min(self._exact, keep)
         if len(context) > len(self._ids):
-            start = len(self._ids)
-            tail = context[start:]
-            if self.uses_features:
-                feats, exact = self._feature_inputs(start, len(tail))
-            else:
-                feats, exact = None, len(tail)
-            self._feed(tail, feats)
-            if self._exact == start:
-                self._exact = start + exact
+            self._feed(context[len(self._ids):])
 
     def propose(self, context: list[int], k: int) -> list[int]:
         if k <= 0 or not context:
@@ -848,40 +757,13 @@ class LearnedDraftSource:
         self._sync(list(context))
         out: list[int] = []
         for i in range(k):
-            logits = self._next_logits.float()
-            if self.stop_threshold and i > 0:
-                conf, j = torch.softmax(logits, dim=-1).max(-1)
-                if float(conf) < self.stop_threshold:
-                    break
-            else:
-                j = logits.argmax(-1)
-            token = int(self._vocab[int(j)])
+            token = int(self._vocab[int(self._next_logits.argmax(-1))])
             out.append(token)
             if i + 1 < k:
-                # The token just drafted has no base feature yet: the draft's own estimate stands in for it.
-                self._feed([token], self._last_z if self.uses_features else None)
+                self._feed([token])
         self.drafted += len(out)
         return out
 
-    @torch.inference_mode()
     def observe(self, context: list[int], n_accepted: int | None = None,
                 features: dict[int, torch.Tensor] | None = None) -> None:
-        """Keep the base features of the positions the engine just verified (``context[-1-m:-1]``); the next
-        ``propose`` crops the rejected tail and recomputes accepted drafted positions from them."""
-        if not self.uses_features or not features:
-            return
-        rows = features.get(self.draft.feature_layer)
-        if rows is None or rows.shape[0] == 0:
-            return
-        d = self.draft
-        m = int(rows.shape[0])
-        end = len(context) - 1
-        start = end - m
-        if start < 0:
-            return
-        if self._feat.shape[0] < end:
-            grow = torch.zeros(end - self._feat.shape[0] + 256, d.hidden_size, dtype=d.dtype, device=d.device)
-            self._feat = torch.cat([self._feat, grow])
-        self._feat[start:end] = d.base_norm(rows.to(d.device, d.dtype))
-        known = self._known[:start] + [False] * max(0, start - len(self._known))
-        self._known = known + [True] * m
+        """Nothing to keep: the next ``propose`` crops the rejected tail itself."""

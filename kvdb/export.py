@@ -34,13 +34,13 @@ from typing import Any
 import torch
 from sqlalchemy import insert, select
 
-from kvdb.answer_file import answer_file, answers_by_pair, merge_answer_file
 from kvdb.config import Config, Home
 from kvdb.errors import CorruptError, ForeignFileError, NotBuiltError, NotFoundError, StoreError, ValidationError
 from kvdb.fileio import atomic_path, write_error
 from kvdb.store.blobs import unpack
 from kvdb.store.db import Store
 from kvdb.prompt import PROMPT_FORMAT
+from kvdb.recorded import Recording, merge_recordings, recordings_by_pair
 from kvdb.store.models import BaseAnswer, Domain, Embedding, ModelInfo, Pair, PairVectors
 from kvdb.store.pairs import check_domain, domain_id
 
@@ -186,7 +186,7 @@ def _pair_rows(session, kind: str, fingerprint: str, embedder: str, dom_id: int 
 
 
 def _cache_object(session, model: ModelInfo, layers: list[int], embedder_key: str, embedder_dim: int,
-                  domain: str, dom_id: int | None, variants: dict[str, dict[str, dict]]) -> dict[str, Any]:
+                  domain: str, dom_id: int | None, variants: dict[str, list[Recording]]) -> dict[str, Any]:
     def rows(kind: str):  # a fresh pass each time
         return _pair_rows(session, kind, model.fingerprint, embedder_key, dom_id)
 
@@ -208,9 +208,9 @@ def _cache_object(session, model: ModelInfo, layers: list[int], embedder_key: st
 
     def variant_answers() -> Iterator[list[dict[str, Any]]]:
         for (h,) in rows("hashes"):
-            yield [{"prompt_format": PROMPT_FORMAT, "key": key, "max_new_tokens": int(e.get("max_new_tokens", 0)),
-                    "finished": bool(e.get("finished")), "output_ids": torch.tensor(e["output"], dtype=torch.int32)}
-                   for key, e in variants.get(h, {}).items()]
+            yield [{"prompt_format": PROMPT_FORMAT, "key": r.key, "max_new_tokens": r.max_new_tokens,
+                    "finished": r.finished, "output_ids": torch.tensor(r.output, dtype=torch.int32)}
+                   for r in variants.get(h, [])]
 
     def tensors(kind: str) -> Iterator[Any]:
         for h, *cols in rows(kind):
@@ -264,7 +264,7 @@ def export_caches(config: Config, home: Home, store: Store, domain: str = "all",
     if not _writable(out):
         raise StoreError(f"the export folder {out} is not writable")
     written = []
-    variants = answers_by_pair(answer_file(home, ref.fingerprint))
+    variants = recordings_by_pair(store, ref.fingerprint)
     with store.read() as session:
         model = session.get(ModelInfo, ref.fingerprint)
         if model is None:
@@ -332,6 +332,17 @@ def load_cache(path: str | Path) -> dict[str, Any]:
         if not isinstance(obj.get(key), list) or len(obj[key]) != n:
             raise ForeignFileError(f"{path} is damaged: '{key}' does not have one entry per pair")
     return obj
+
+
+def pair_tensors(obj: dict[str, Any], i: int) -> tuple[dict[str, torch.Tensor], int]:
+    """Pair ``i``'s stored vectors in a loaded cache, as the store keeps them ({"token_ids": int32 [T],
+    "layer_<L>": fp16 [T, H]}), and its answer start."""
+    vectors = obj["token_vectors"][i]
+    if not isinstance(vectors, dict):
+        raise ForeignFileError(f"the cache's vectors of pair {i} are not a mapping of layers; export it again")
+    tensors = {str(k): v for k, v in vectors.items() if isinstance(v, torch.Tensor)}
+    tensors["token_ids"] = torch.as_tensor(obj["token_ids"][i]).to(torch.int32)
+    return tensors, int(obj["answer_starts"][i])
 
 
 def recorded_entry(obj: dict[str, Any], i: int) -> dict[str, Any] | None:
@@ -435,31 +446,16 @@ class ImportReport:
     embeddings: int = 0
     vectors_skipped_reason: str | None = None
     base_answers: int = 0
-    variant_answers: int = 0  # answers to rephrasings added to the home's answer file
+    variant_answers: int = 0  # answers to rephrasings added to the store's recorded answers
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
-def import_cache(config: Config, home: Home, store: Store, path: str | Path,
-                 on_progress: Callable[[int], None] | None = None) -> ImportReport:
-    """Add the pairs of a cache, and its vectors and embeddings where they were made by the current model and
-    embedder; all in one transaction."""
-    from kvdb.identity import resolve_embedder
-    from kvdb.identity import resolve_model
-    from kvdb.store.blobs import pack
-    from kvdb.store.pairs import PairInput, add_pairs, pair_hash
+def _pair_inputs(obj: dict[str, Any], path: str | Path) -> list:
+    """The cache's pairs as store inputs, each checked against its hash."""
+    from kvdb.store.pairs import PairInput, pair_hash
 
-    obj = load_cache(path)
-    ranges = mapped_ranges(path)  # to release the pages of pairs already written (see release_pages)
-    ref = resolve_model(config.model, home)
-    emb_ref = resolve_embedder(config.embedder, home, ref.fingerprint)
-    model = obj["model"]
-    report = ImportReport()
-    reuse_vectors = model.get("fingerprint") == ref.fingerprint
-    if not reuse_vectors:
-        report.vectors_skipped_reason = (f"made by another model ({model.get('name')}); `kvdb build` recomputes them")
-    reuse_emb = obj.get("embedder", {}).get("key") == emb_ref.key
     items = []
     for i, qa in enumerate(obj["qa_pairs"]):
         if not isinstance(qa, dict) or pair_hash(str(qa.get("question", "")), str(qa.get("answer", ""))) != qa.get("hash"):
@@ -468,66 +464,112 @@ def import_cache(config: Config, home: Home, store: Store, path: str | Path,
                                metadata=qa.get("metadata") or {}, where=f"{path}#{i}"))
     if not items:
         raise ValidationError(f"{path} holds no pairs")
+    return items
 
-    def extra(session) -> None:
-        have_vec = set(session.scalars(select(PairVectors.pair_hash).where(PairVectors.fingerprint == ref.fingerprint)))
-        have_emb = set(session.scalars(select(Embedding.pair_hash).where(Embedding.embedder == emb_ref.key)))
-        have_ans = set(session.scalars(select(BaseAnswer.pair_hash).where(
-            BaseAnswer.fingerprint == ref.fingerprint, BaseAnswer.prompt_format == PROMPT_FORMAT)))
-        if reuse_vectors and session.get(ModelInfo, ref.fingerprint) is None:
-            session.add(ModelInfo(fingerprint=ref.fingerprint, name=model["name"], source=config.model.source,
-                                  hidden_size=int(model["hidden_size"]), num_layers=int(model["num_layers"]),
-                                  info={"imported_from": str(path), "layers": list(model.get("layers", []))}))
-            session.flush()
-        # Core inserts a chunk at a time: ORM objects would keep every blob in the session until commit.
-        vec_rows: list[dict[str, Any]] = []
-        emb_rows: list[dict[str, Any]] = []
-        ans_rows: list[dict[str, Any]] = []
 
-        def write_chunk() -> None:
-            for table, chunk in ((PairVectors, vec_rows), (Embedding, emb_rows), (BaseAnswer, ans_rows)):
-                if chunk:
-                    session.execute(insert(table), chunk)
-                chunk.clear()
+@dataclass
+class _ImportPlan:
+    """What one import writes besides the pairs: which products are reusable, and where the cache is mapped."""
 
-        for i, item in enumerate(items):
-            h = item.hash
-            if reuse_vectors and h not in have_vec:
-                tensors = {"token_ids": obj["token_ids"][i].to(torch.int32), **obj["token_vectors"][i]}
-                data, digest = pack(tensors)
-                vec_rows.append(dict(pair_hash=h, fingerprint=ref.fingerprint, layers=list(model["layers"]),
-                                     num_tokens=int(tensors["token_ids"].numel()),
-                                     answer_start=int(obj["answer_starts"][i]), data=data, checksum=digest))
-                have_vec.add(h)
-                report.vectors += 1
-            if reuse_emb and h not in have_emb:
-                fields = obj["embedding_fields"][i]
-                data, digest = pack({k: v.float() for k, v in fields.items()})
-                emb_rows.append(dict(pair_hash=h, embedder=emb_ref.key, dim=int(fields["question"].shape[-1]),
-                                     data=data, checksum=digest))
-                have_emb.add(h)
-                report.embeddings += 1
-            entry = recorded_entry(obj, i) if reuse_vectors and h not in have_ans else None
-            if entry is not None:
-                data, digest = pack({k: v for k, v in entry.items() if isinstance(v, torch.Tensor)})
-                ans_rows.append(dict(pair_hash=h, fingerprint=ref.fingerprint, prompt_format=PROMPT_FORMAT,
-                                     max_new_tokens=entry["max_new_tokens"], finished=entry["finished"],
-                                     text=entry["text"], data=data, checksum=digest))
-                have_ans.add(h)
-                report.base_answers += 1
-            if i % 256 == 255:
-                write_chunk()
-                release_pages(obj, i - 255, i + 1, ranges)
-                if on_progress:
-                    on_progress(i + 1)
-        write_chunk()
+    obj: dict[str, Any]
+    path: str | Path
+    items: list
+    fingerprint: str
+    embedder: str
+    reuse_vectors: bool
+    reuse_embeddings: bool
+    source: str
+    ranges: list[tuple[int, int]]
 
-    added = add_pairs(store, items, config.store, after=extra)
+
+def _product_rows(plan: _ImportPlan, i: int, have: dict[str, set], report: ImportReport) -> dict[str, dict]:
+    """Pair ``i``'s vectors, embedding and recorded answer as rows, those the store lacks; counted in ``report``."""
+    from kvdb.store.blobs import pack
+
+    obj, h, out = plan.obj, plan.items[i].hash, {}
+    if plan.reuse_vectors and h not in have["vectors"]:
+        tensors, answer_start = pair_tensors(obj, i)
+        data, digest = pack(tensors)
+        out["vectors"] = dict(pair_hash=h, fingerprint=plan.fingerprint, layers=list(obj["model"]["layers"]),
+                              num_tokens=int(tensors["token_ids"].numel()), answer_start=answer_start, data=data,
+                              checksum=digest)
+        report.vectors += 1
+    if plan.reuse_embeddings and h not in have["embeddings"]:
+        fields = obj["embedding_fields"][i]
+        data, digest = pack({k: v.float() for k, v in fields.items()})
+        out["embeddings"] = dict(pair_hash=h, embedder=plan.embedder, dim=int(fields["question"].shape[-1]),
+                                 data=data, checksum=digest)
+        report.embeddings += 1
+    entry = recorded_entry(obj, i) if plan.reuse_vectors and h not in have["answers"] else None
+    if entry is not None:
+        data, digest = pack({k: v for k, v in entry.items() if isinstance(v, torch.Tensor)})
+        out["answers"] = dict(pair_hash=h, fingerprint=plan.fingerprint, prompt_format=PROMPT_FORMAT,
+                              max_new_tokens=entry["max_new_tokens"], finished=entry["finished"], text=entry["text"],
+                              data=data, checksum=digest)
+        report.base_answers += 1
+    for kind in out:
+        have[kind].add(h)
+    return out
+
+
+def _write_products(session, plan: _ImportPlan, report: ImportReport,
+                    on_progress: Callable[[int], None] | None) -> None:
+    """Inside the import's transaction: the reusable vectors, embeddings and recorded answers of its pairs."""
+    fp, model = plan.fingerprint, plan.obj["model"]
+    have = {"vectors": set(session.scalars(select(PairVectors.pair_hash).where(PairVectors.fingerprint == fp))),
+            "embeddings": set(session.scalars(select(Embedding.pair_hash).where(Embedding.embedder == plan.embedder))),
+            "answers": set(session.scalars(select(BaseAnswer.pair_hash).where(
+                BaseAnswer.fingerprint == fp, BaseAnswer.prompt_format == PROMPT_FORMAT)))}
+    if plan.reuse_vectors and session.get(ModelInfo, fp) is None:
+        session.add(ModelInfo(fingerprint=fp, name=model["name"], source=plan.source,
+                              hidden_size=int(model["hidden_size"]), num_layers=int(model["num_layers"]),
+                              info={"imported_from": str(plan.path), "layers": list(model.get("layers", []))}))
+        session.flush()
+    # Core inserts a chunk at a time: ORM objects would keep every blob in the session until commit.
+    tables = {"vectors": PairVectors, "embeddings": Embedding, "answers": BaseAnswer}
+    chunks: dict[str, list[dict]] = {k: [] for k in tables}
+
+    def write_chunk() -> None:
+        for kind, rows in chunks.items():
+            if rows:
+                session.execute(insert(tables[kind]), rows)
+            rows.clear()
+
+    for i in range(len(plan.items)):
+        for kind, row in _product_rows(plan, i, have, report).items():
+            chunks[kind].append(row)
+        if i % 256 == 255:
+            write_chunk()
+            release_pages(plan.obj, i - 255, i + 1, plan.ranges)
+            if on_progress:
+                on_progress(i + 1)
+    write_chunk()
+    if plan.reuse_vectors:  # answers to rephrasings, in the same transaction as the pairs they are about
+        recs = [Recording(e["key"], e["output_ids"].tolist(), e["finished"], e["max_new_tokens"], item.hash)
+                for i, item in enumerate(plan.items) for e in variant_entries(plan.obj, i)]
+        report.variant_answers = merge_recordings(session, fp, recs)
+
+
+def import_cache(config: Config, home: Home, store: Store, path: str | Path,
+                 on_progress: Callable[[int], None] | None = None) -> ImportReport:
+    """Add the pairs of a cache, and its vectors, embeddings and recorded answers where they were made by the
+    current model and embedder; all in one transaction."""
+    from kvdb.identity import resolve_embedder, resolve_model
+    from kvdb.store.pairs import add_pairs
+
+    obj = load_cache(path)
+    ref = resolve_model(config.model, home)
+    emb_ref = resolve_embedder(config.embedder, home, ref.fingerprint)
+    report = ImportReport()
+    plan = _ImportPlan(obj, path, _pair_inputs(obj, path), ref.fingerprint, emb_ref.key,
+                       reuse_vectors=obj["model"].get("fingerprint") == ref.fingerprint,
+                       reuse_embeddings=obj.get("embedder", {}).get("key") == emb_ref.key,
+                       source=config.model.source,
+                       ranges=mapped_ranges(path))  # to release the pages of pairs already written (release_pages)
+    if not plan.reuse_vectors:
+        report.vectors_skipped_reason = (f"made by another model ({obj['model'].get('name')}); `kvdb build` "
+                                         "recomputes them")
+    added = add_pairs(store, plan.items, config.store, after=lambda session: _write_products(session, plan, report,
+                                                                                              on_progress))
     report.added, report.skipped = added.added, added.skipped
-    if reuse_vectors:  # after the pairs are committed: an answer file entry about a pair never outlives a failed import
-        variants = {e["key"]: {"output": e["output_ids"].tolist(), "finished": e["finished"],
-                               "max_new_tokens": e["max_new_tokens"], "pair": item.hash}
-                    for i, item in enumerate(items) for e in variant_entries(obj, i)}
-        if variants:
-            report.variant_answers = merge_answer_file(answer_file(home, ref.fingerprint), variants)
     return report

@@ -39,3 +39,29 @@ def build_messages(question: str, references: Sequence[Reference]) -> list[dict[
 def prompt_ids(lm, question: str, references: Sequence[Reference]) -> list[int]:
     """Token ids the base model is given (ends with the assistant generation prompt)."""
     return lm.chat_ids(build_messages(question, references), add_generation_prompt=True)
+
+
+def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens all of ``seqs`` share."""
+    n = min((len(s) for s in seqs), default=0)
+    for i in range(n):
+        if any(s[i] != seqs[0][i] for s in seqs[1:]):
+            return i
+    return n
+
+
+def prefix_boundaries(lm, question: str, references: Sequence[Reference], ids: Sequence[int]) -> tuple[int, ...]:
+    """Where the recurring parts of the prompt ``ids`` end: the instruction (shared by every prompt with
+    references) and the whole system turn with its references (shared by every question that retrieves the same
+    pairs). Each is the common prefix of ``ids`` with that part rendered alone, so a tokenizer that merges tokens
+    across a boundary only moves it; an engine restores the state of such a prefix instead of recomputing it."""
+    system = build_messages(question, references)[0]
+    parts = [{"role": "system", "content": f"{INSTRUCTION}\n\nReference:\n"}] if references else []
+    cuts = set()
+    for message in [*parts, system]:
+        try:
+            rendered = lm.chat_ids([message], add_generation_prompt=False)
+        except Exception:  # a chat template that refuses a lone system turn: no boundary there
+            continue
+        cuts.add(common_prefix_length([rendered, ids]))
+    return tuple(sorted(c for c in cuts if 0 < c < len(ids)))

@@ -118,20 +118,20 @@ def test_an_answer_to_a_confident_rephrasing_becomes_a_copy_source(kvt: Kvdb, lm
     sure = kvt.json("query", "--generate", "-n", "12", "Why does the sky look blue to us?")
     unsure = kvt.json("query", "--generate", "-n", "12", "How long should I boil an egg?")
     assert sure["confident"] and not unsure["confident"]  # what the cases below rely on
-    from kvdb.train import AnswerBook, _prompt_key
+    from kvdb.recorded import prompt_key, read_recordings
 
     rt = Runtime.open(kvt.home, kvt.config)
     top = sure["matches"][0]["hash"]
     assert sure["output_ids"] in StoreKnowledge(rt, lm).recorded_answers([top])
-    entries = AnswerBook(rt, lm, 12)._load_file()  # (the tiny model's answers repeat: check the entries' tags)
-    assert entries[_prompt_key(sure["prompt_ids"])]["pair"] == top
-    assert entries[_prompt_key(unsure["prompt_ids"])]["output"] == unsure["output_ids"]
-    assert "pair" not in entries[_prompt_key(unsure["prompt_ids"])]
+    keys = [prompt_key(sure["prompt_ids"]), prompt_key(unsure["prompt_ids"])]
+    entries = read_recordings(rt.store, lm.fingerprint, keys)  # (the tiny model's answers repeat: check the tags)
+    assert entries[keys[0]].pair == top
+    assert entries[keys[1]].output == unsure["output_ids"] and entries[keys[1]].pair is None
 
 
 def test_exports_carry_answers_to_rephrasings(kvt: Kvdb, tmp_path, lm):
     """An answer to a confident rephrasing travels with the pair: the export holds it under the pair, a deployment
-    from the cache alone copies from it, and `kvdb import` adds it to the new home's answer file (once)."""
+    from the cache alone copies from it, and `kvdb import` adds it to the new home's recorded answers (once)."""
     from kvdb.answer import StoreKnowledge
     from kvdb.deployed import CacheKnowledge
     from kvdb.export import load_cache, variant_entries

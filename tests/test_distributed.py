@@ -28,9 +28,9 @@ from tests.tiny import make_model, write_tiny_config
 ROOT = Path(__file__).resolve().parent.parent
 N_PAIRS = 12
 
-SECTIONS = {"index": {"rerank": False}, "draft": {"use_base_features": True}}
+SECTIONS = {"index": {"rerank": False}}
 
-# Every atomic file write (kvdb.fileio.atomic_path: checkpoints, log, plot, base-answer file, hash cache; and the
+# Every atomic file write (kvdb.fileio.atomic_path: checkpoints, log, plot, hash cache; and the
 # index's own) logged with the writer's rank.
 PROBE = """import os
 if os.environ.get("KVDB_WRITE_PROBE"):

@@ -81,10 +81,10 @@ def test_untrained_draft_is_the_early_exit(lms, arch):
 
 
 def test_only_trained_parts_are_in_the_state(lm):
-    draft = DraftModel(lm, DraftConfig(num_sampled_layers=2, trainable_layers=1, use_base_features=True))
+    draft = DraftModel(lm, DraftConfig(num_sampled_layers=2, trainable_layers=1))
     keys = list(draft.state_dict())
     assert not any("embed" in k or "lm_head" in k for k in keys)
-    assert {k.split(".")[0] for k in keys} == {"layers", "knowledge", "fuse", "feature_norm", "static_vocab"}
+    assert {k.split(".")[0] for k in keys} == {"layers", "knowledge", "static_vocab"}
     assert len(draft.layers) == 1
     # The shared head is the base model's own tensor, not a copy.
     assert draft.head_weight.data_ptr() == lm.model.get_output_embeddings().weight.data_ptr()
@@ -104,7 +104,7 @@ def _teacher_greedy(draft, context, knowledge, vocab, k):
 
 
 def test_source_drafts_greedily_and_rolls_back(lm):
-    cfg = DraftConfig(num_sampled_layers=2, trainable_layers=1, vocab_frequent=64, use_base_features=False)
+    cfg = DraftConfig(num_sampled_layers=2, trainable_layers=1, vocab_frequent=64)
     draft = DraftModel(lm, cfg)
     scramble_knowledge(draft)
     k1 = pair_knowledge(lm, "a" * 64, "What is entropy?", lm.encode("A measure of disorder in a system."), (2, 4))
@@ -127,100 +127,11 @@ def test_source_drafts_greedily_and_rolls_back(lm):
     assert source.propose(new_prompt, 3) == LearnedDraftSource(draft, lm, knowledge).propose(new_prompt, 3)
 
 
-def _last_layer_output(lm, ids):
-    caught = []
-    handle = lm.layers[-1].register_forward_hook(lambda _m, _i, out: caught.append(out[0] if isinstance(out, tuple)
-                                                                                   else out))
-    try:
-        with torch.no_grad():
-            lm.model(torch.tensor([ids]))
-    finally:
-        handle.remove()
-    return caught[0][0]
-
-
-def scramble_fusion(draft: DraftModel, seed: int = 3) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        draft.fuse.weight.copy_(torch.randn(draft.fuse.weight.shape, generator=g) * 0.2)
-
-
-def _manual_feature_drafts(draft, context, exact_normed, k):
-    """Drafting with base features by full recomputation: position t reads the normed base feature of t-1 where
-    verified (context[:-1]) and the draft's own final state for positions it is guessing."""
-    vocab = torch.arange(draft.vocab_size)
-    ids = list(context)
-    feats = torch.zeros(1, len(ids), draft.hidden_size)
-    feats[0, 1:] = exact_normed[: len(ids) - 1]
-    out = []
-    for _ in range(k):
-        with torch.no_grad():
-            h = draft.trunk(torch.tensor([ids]), feats)
-            logits, z = draft.head(h, draft.head_weight[vocab], None, False)
-        token = int(logits[0, -1].argmax())
-        out.append(token)
-        ids.append(token)
-        feats = torch.cat([feats, z[:, -1:]], dim=1)
-    return out
-
-
-def test_feature_source_uses_verified_features_and_its_own_guesses(lm):
-    draft = DraftModel(lm, DraftConfig(num_sampled_layers=2, vocab_frequent=0, use_base_features=True))
-    scramble_fusion(draft)
-    prompt = lm.chat_ids([{"role": "user", "content": "What is entropy?"}], add_generation_prompt=True)
-    context = prompt + lm.encode(" A measure")
-    source = LearnedDraftSource(draft, lm, use_knowledge=False)
-    assert source.wants_features == (lm.num_layers,)
-    rows = _last_layer_output(lm, context)  # the engine's features: context[-1 - m : -1]
-    source.observe(context, None, {lm.num_layers: rows[: len(context) - 1]})
-    exact = draft.base_norm(rows)
-    assert source.propose(context, 3) == _manual_feature_drafts(draft, context, exact, 3)
-    # One drafted token accepted, then the base model's own: the drafted position is recomputed from its
-    # now-verified feature.
-    first = source.propose(context, 3)
-    longer = context + [first[0], 7]
-    rows2 = _last_layer_output(lm, longer)
-    source.observe(longer, 1, {lm.num_layers: rows2[len(context) - 1 : len(longer) - 1]})
-    assert source.propose(longer, 2) == _manual_feature_drafts(draft, longer, draft.base_norm(rows2), 2)
-
-
-def test_unrolled_training_steps_match_drafting(lm):
-    """Step 1 of the unrolled training pass computes what the source computes for the second drafted token."""
-    from kvdb.train import Example, draft_outputs, frozen_states, teacher_features
-
-    draft = DraftModel(lm, DraftConfig(num_sampled_layers=2, vocab_frequent=0, use_base_features=True))
-    scramble_fusion(draft)
-    prompt = lm.chat_ids([{"role": "user", "content": "What is entropy?"}], add_generation_prompt=True)
-    answer = lm.encode(" A measure of how many states fit") + [lm.eos_ids[0]]
-    e = Example("p", "q", "question", [], prompt, answer)
-    frozen_states(draft, [e])
-    teacher_features(lm, [e])
-    vocab = torch.arange(draft.vocab_size)
-    with torch.no_grad():
-        outs, _, _ = draft_outputs(draft, [e], {}, vocab, draft.vocab_index(vocab), use_knowledge=False, steps=3)
-    ids = e.ids
-    for step in (1, 2):
-        for a in (step + 1, len(answer) - 1):
-            t = e.first + a  # predicts answer[a]; drafting started `step` positions before
-            start = t - step
-            expected = _manual_feature_drafts(draft, ids[: start + 1], e.features, step + 1)[-1]
-            row = (outs[step].answer_index == a).nonzero().item()
-            assert int(outs[step].logits[row].argmax()) == expected
-
-
-def test_confidence_stop_drafts_fewer_tokens(lm):
-    draft = DraftModel(lm, DraftConfig(num_sampled_layers=2, vocab_frequent=0))
-    prompt = lm.chat_ids([{"role": "user", "content": "What is entropy?"}], add_generation_prompt=True)
-    assert len(LearnedDraftSource(draft, lm, stop_threshold=0.0).propose(prompt, 6)) == 6
-    assert len(LearnedDraftSource(draft, lm, stop_threshold=1.01).propose(prompt, 6)) == 1
-
-
 def test_learned_source_is_lossless_in_the_engine(lm):
     from kvdb.decode import speculative_generate
 
-    draft = DraftModel(lm, DraftConfig(num_sampled_layers=2, vocab_frequent=64, use_base_features=True))
+    draft = DraftModel(lm, DraftConfig(num_sampled_layers=2, vocab_frequent=64))
     scramble_knowledge(draft, seed=1)
-    scramble_fusion(draft)
     k1 = pair_knowledge(lm, "b" * 64, "What is a prime number?", lm.encode("A whole number above one."), (2, 4))
     knowledge = Knowledge.from_pairs([k1], 512, lm.hidden_size)
     prompt = lm.chat_ids([{"role": "user", "content": "What is a prime number?"}], add_generation_prompt=True)
@@ -232,7 +143,7 @@ def test_learned_source_is_lossless_in_the_engine(lm):
     source.prior, source.token_cost = 0.95, 0.0
     result = speculative_generate(lm.model, prompt, 24, lm.eos_ids, sources=[source])
     assert result.output_ids == expected
-    assert source.drafted > 0 and any(source._known)  # it drafted, with the features the engine passed
+    assert source.drafted > 0
 
 
 def test_checkpoint_round_trip_and_refusals(lm, lms, tmp_path):
@@ -253,6 +164,10 @@ def test_checkpoint_round_trip_and_refusals(lm, lms, tmp_path):
 
     with pytest.raises(ForeignFileError, match="num_sampled_layers"):
         load_draft(path, lm, DraftConfig(num_sampled_layers=3))
+    eagle = tmp_path / "eagle.pth"  # a draft trained to read the base model's features, which kvdb dropped
+    torch.save({**raw, "draft_config": {**raw["draft_config"], "use_base_features": True}}, eagle)
+    with pytest.raises(ForeignFileError, match="train a new draft"):
+        load_draft(eagle, lm)
     with pytest.raises(ForeignFileError, match="trained for"):
         load_draft(path, lms["qwen3"])
     foreign = tmp_path / "other.pth"
@@ -274,7 +189,9 @@ def test_checkpoint_round_trip_and_refusals(lm, lms, tmp_path):
 def test_knowledge_beats_no_knowledge_on_a_copy_task(lm):
     """Answers are random token strings that appear only in the stored knowledge (never in the prompt), and the
     held-out pairs were never trained on: only a draft that reads the knowledge can predict them."""
-    from kvdb.train import Example, _optimizer, evaluate, frozen_states, train_epoch
+    from kvdb.evaluate import evaluate
+    from kvdb.train import frozen_states, make_optimizer, train_epoch
+    from kvdb.train_data import Example
 
     rng = random.Random(0)
     cfg = DraftConfig(num_sampled_layers=2, trainable_layers=1, vocab_frequent=0)
@@ -297,7 +214,7 @@ def test_knowledge_beats_no_knowledge_on_a_copy_task(lm):
         for e in examples:
             e.states = None
         frozen_states(draft, examples)
-        opt = _optimizer(draft, 1e-3, 1e-3)
+        opt = make_optimizer(draft, 1e-3, 1e-3)
         vocab = torch.arange(draft.vocab_size)
         for epoch in range(6):
             train_epoch(draft, opt, train, pairs, vocab, 4, seed=epoch, use_knowledge=use_knowledge)

@@ -62,7 +62,7 @@ def test_stats_report_the_server_database_size(pg_kv: Kvdb):
     stats = pg_kv.json("stats")
     assert stats["backend"] == "postgresql" and stats["database_bytes"] > 1_000_000  # an empty PG database is ~7 MB
     assert stats["pairs"] == 1 and stats["store_revision"] == 1 and "kvdb@127.0.0.1" in stats["database"]
-    assert "bytes (postgresql), schema 0002" in pg_kv("stats").stdout
+    assert "bytes (postgresql), schema 0003" in pg_kv("stats").stdout
 
 
 # -- migrations ------------------------------------------------------------------------------------------------------
@@ -73,7 +73,7 @@ def _pg_tables(pg_server, url: str) -> set[str]:
 def test_migrations_up_down_and_up_again(pg_server, pg_kv: Kvdb, pg_url):
     pg_kv("add", "-d", "cs", "-q", "What is a tree?", "-a", "A connected acyclic graph.")
     assert {"pairs", "domains", "pair_vectors", "embeddings", "base_answers", "models", "store_state",
-            "alembic_version"} == _pg_tables(pg_server, pg_url)
+            "recorded_answers", "alembic_version"} == _pg_tables(pg_server, pg_url)
     pg_kv("db", "downgrade", "0001")
     assert "pair_vectors" not in _pg_tables(pg_server, pg_url)
     assert "run `kvdb db upgrade`" in pg_kv("list", ok=False).stderr
@@ -83,7 +83,7 @@ def test_migrations_up_down_and_up_again(pg_server, pg_kv: Kvdb, pg_url):
     assert _pg_tables(pg_server, pg_url) == {"alembic_version"}
     pg_kv("db", "upgrade")
     status = pg_kv.json("db", "status")
-    assert status["current"] == status["head"] == "0002" and status["up_to_date"]
+    assert status["current"] == status["head"] == "0003" and status["up_to_date"]
 
 
 def test_models_match_migrations_on_postgres(pg_url):
@@ -219,7 +219,7 @@ def test_first_use_by_several_threads_migrates_once(pg_url):
     for t in threads:
         t.join()
     assert errors == [] and len(stores) == 4
-    assert {s.current_revision() for s in stores} == {"0002"}
+    assert {s.current_revision() for s in stores} == {"0003"}
     for s in stores:
         s.dispose()
 

@@ -16,11 +16,11 @@ from kvdb.errors import CorruptError, ForeignFileError, NotBuiltError, NotFoundE
 from kvdb.examples import example_pairs
 from kvdb.runtime import Runtime
 from kvdb.store.pairs import add_pairs, validate
-from kvdb.train import record_base_answers, simulate_steps, summarise, train
+from kvdb.evaluate import simulate_steps, summarise
+from kvdb.train import train
 from tests.tiny import make_model, write_tiny_config
 
-# Base features on: the EAGLE path is the one with the most to break.
-SECTIONS = {"build": {"batch_size": 8}, "draft": {"use_base_features": True}}
+SECTIONS = {"build": {"batch_size": 8}}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -93,6 +93,21 @@ def test_training_lowers_the_loss_and_writes_its_outputs(trained):
     assert not list(out.glob(".*.tmp"))
 
 
+def record_base_answers(rt, lm) -> dict[str, int]:
+    """The base model's answers to the store's pairs' own questions under generation's own retrieval (re-ranked as
+    configured), computed where missing."""
+    from kvdb.prompt import prompt_ids
+    from kvdb.recorded import AnswerBook, AnswerRequest
+    from kvdb.teacher import compute_answers
+    from kvdb.train_data import default_references, load_store_sources
+
+    sources = load_store_sources(rt, lm.fingerprint, rt.config.draft.num_sampled_layers, lm.num_layers)
+    refs = default_references(rt, lm, sources, rt.config.index.top_k)
+    requests = [AnswerRequest(prompt_ids(lm, p.question, list(refs(p.question))), pair_hash=p.hash)
+                for p in sources.pairs]
+    return compute_answers(AnswerBook(rt, lm, rt.config.generation.max_new_tokens), requests, 4)
+
+
 def test_base_answers_are_stored_greedy_and_reused(trained):
     rt, _ = trained
     from kvdb.lm import load_model
@@ -141,17 +156,15 @@ def test_trains_from_an_exported_cache(trained, tmp_path):
 
     export_caches(rt.config, rt.home, rt.store, out=tmp_path / "caches")
     cache = tmp_path / "caches" / "knowledge_cache.pth"
-    # Also the default draft (no base features): the plain token path through train().
-    plain = write_config(tmp_path, Path(rt.config.model.source), draft={"use_base_features": False})
+    plain = write_config(tmp_path, Path(rt.config.model.source))
     result = train(Runtime.open(rt.home.root, plain), epochs=1, cache=cache, out=tmp_path / "from-cache",
                    progress=False)
     assert result["epoch"] == 1 and result["data"]["pairs"] == 8
-    assert not result["draft_config"]["use_base_features"] and "features_computed" not in result["data"]
 
     # The seed's workflow: a fresh home trains from the cache alone. Its pairs' recordings are the answers to their
     # own questions computed now; variants read them as drafting from the store or the cache would.
     from kvdb.lm import load_model
-    from kvdb.train import prepare
+    from kvdb.train_data import prepare
 
     fresh = Runtime.open(tmp_path / "fresh", plain)
     lm = load_model(fresh.config.model, fresh.home)
@@ -204,6 +217,21 @@ def test_bad_input_is_refused_clearly(trained, built, tmp_path, model_dir):
               progress=False)
 
 
+def test_settings_of_removed_experiments_are_refused_by_name(tmp_path):
+    """Sampled answers, soft targets, base features and extra contexts are gone: an old config naming one of their
+    keys gets an error naming that key."""
+    from kvdb.config import load_config
+    from kvdb.errors import ConfigError
+
+    for section, key in (("training", "soft_target_weight"), ("training", "samples_per_question"),
+                         ("training", "unroll_steps"), ("training", "contexts_per_question"),
+                         ("draft", "use_base_features"), ("draft", "stop_threshold")):
+        path = tmp_path / f"{key}.yaml"
+        path.write_text(f"{section}:\n  {key}: 1\n")
+        with pytest.raises(ConfigError, match=f"unknown key '{section}.{key}'"):
+            load_config(path)
+
+
 def test_simulated_acceptance_follows_leviathan():
     # Every token agrees: each step accepts gamma and adds one.
     assert simulate_steps([True] * 10, 4) == (2, 8)
@@ -221,18 +249,18 @@ def test_grouped_greedy_equals_generate(model_dir, tmp_path):
     from kvdb.config import Home, ModelConfig
     from kvdb.lm import load_model
     from kvdb.prompt import Reference, prompt_ids
-    from kvdb.train import decode_grouped
+    from kvdb.teacher import decode_grouped
 
     lm = load_model(ModelConfig(source=str(model_dir)), Home(tmp_path))
     refs = [Reference("What is a cat?", "A small furry animal."), Reference("What is a dog?", "An animal that barks.")]
     groups = [[prompt_ids(lm, q, refs) for q in ("What is a cat?", "Tell me about cats, please.", "Cats?")],
               [prompt_ids(lm, "Who barks?", refs[1:])], [prompt_ids(lm, "x", [])]]
-    plain = decode_grouped(lm, groups, 16).answers
+    plain = decode_grouped(lm, groups, 16)
     first = plain[0][0]
     lm.eos_ids = [first[3]]  # rows now stop wherever this token comes first
     for eos in ([lm.model.generation_config.eos_token_id], lm.eos_ids):
         lm.eos_ids = list(eos) if isinstance(eos, list) else [eos]
-        got = decode_grouped(lm, groups, 16).answers
+        got = decode_grouped(lm, groups, 16)
         for group, answers in zip(groups, got):
             for prompt, answer in zip(group, answers):
                 with torch.inference_mode():
@@ -254,39 +282,6 @@ def test_cli_no_variants_trains_on_own_questions_only(built, tmp_path):
     assert result["data"]["train_examples"] == 6 and result["epochs_run"] == 1
 
 
-def test_sampled_answers_are_labelled_with_the_greedy_choice_and_reused(built, model_dir, tmp_path):
-    """`training.samples_per_question`: sampled answers of the training prompts, each position labelled with the
-    base model's argmax after that sampled prefix (checked against a plain forward pass); held-out pairs get none;
-    a rerun reads them back instead of sampling."""
-    from kvdb.lm import load_model
-    from kvdb.train import prepare
-
-    src, _ = built
-    home = tmp_path / "home"
-    shutil.copytree(src, home)
-    rt = Runtime.open(home, write_config(tmp_path, model_dir,
-                                         training={"samples_per_question": 2, "sample_temperature": 1.5}))
-    lm = load_model(rt.config.model, rt.home)
-    data = prepare(rt, lm, rt.config.draft)
-    samples = [e for e in data.train if e.kind == "sample"]
-    greedy = [e for e in data.train if e.kind != "sample"]
-    assert len(samples) == 2 * len(greedy) and data.info["sampled"] == len(samples)
-    assert not any(e.kind == "sample" for e in data.heldout)
-    # A high temperature leaves the greedy path somewhere: the labels are not simply the sampled tokens.
-    assert any(e.labels != e.answer for e in samples)
-    for e in samples[:4]:
-        with torch.inference_mode():
-            logits = lm.model(torch.tensor([e.ids])).logits[0]
-        argmax = logits[e.first : e.first + len(e.answer)].argmax(-1).tolist()
-        assert e.labels == argmax and e.targets == e.labels
-    again = prepare(rt, lm, rt.config.draft)
-    assert again.info["sampled"] == 0 and again.info["samples_reused"] == len(samples)
-    assert [e.answer for e in again.train if e.kind == "sample"] == [e.answer for e in samples]
-    # Training reads them (with the base features captured while sampling) and says how many it had.
-    result = train(rt, epochs=1, progress=False, lm=lm)
-    assert result["data"]["train_examples"] == len(data.train) and result["epochs_run"] == 1
-
-
 def test_recorded_answers_become_the_drafts_first_knowledge(trained):
     """Each stored answer gets the base model's states over it (the key layer's equal a plain forward's hidden
     states at the positions that predicted each answer token); training gives a variant the recording of its top
@@ -298,7 +293,8 @@ def test_recorded_answers_become_the_drafts_first_knowledge(trained):
     from kvdb.lm import load_model
     from kvdb.store.blobs import unpack
     from kvdb.store.models import BaseAnswer
-    from kvdb.train import fill_answer_states, prepare
+    from kvdb.teacher import fill_answer_states
+    from kvdb.train_data import prepare
 
     rt, _ = trained
     lm = load_model(rt.config.model, rt.home)
@@ -337,49 +333,13 @@ def test_recorded_answers_become_the_drafts_first_knowledge(trained):
     assert draft_config_from({"draft_config": old}).recorded_knowledge is False
 
 
-def test_soft_targets_are_the_base_distribution_and_train(built, model_dir, tmp_path):
-    """`training.soft_target_weight`: each answer position carries the base model's top-k next-token probabilities
-    (their first id is the greedy token the answer holds); the loss adds the cross-entropy to them, and training
-    with it still lowers the loss."""
-    from kvdb.draft import DraftModel
-    from kvdb.lm import load_model
-    from kvdb.train import batch_loss, frozen_states, prepare, teacher_soft_targets
-
-    src, _ = built
-    home = tmp_path / "home"
-    shutil.copytree(src, home)
-    rt = Runtime.open(home, write_config(tmp_path, model_dir, draft={"use_base_features": False},
-                                         training={"soft_target_weight": 1.0, "soft_target_top_k": 8}))
-    lm = load_model(rt.config.model, rt.home)
-    data = prepare(rt, lm, rt.config.draft)
-    batch = data.train[:4]
-    assert teacher_soft_targets(lm, batch, 8) == 4 and teacher_soft_targets(lm, batch, 8) == 0
-    for e in batch:
-        ids, probs = e.soft
-        assert ids.shape == probs.shape == (len(e.answer), 8)
-        assert ids[:, 0].tolist() == e.answer  # greedy answers: the top id is the token chosen
-        assert bool((probs[:, :-1] >= probs[:, 1:]).all()) and float(probs.float().sum(-1).max()) <= 1.001
-
-    draft = DraftModel(lm, rt.config.draft)
-    frozen_states(draft, batch)
-    vocab = torch.arange(draft.vocab_size)
-    index = draft.vocab_index(vocab)
-    with torch.no_grad():
-        hard = batch_loss(draft, batch, data.knowledge, vocab, index)
-        both = batch_loss(draft, batch, data.knowledge, vocab, index, soft_weight=1.0)
-    assert both.item() > hard.item()  # the soft cross-entropy is positive and adds to it
-
-    result = train(rt, out=tmp_path / "out", progress=False)
-    losses = [h["train_loss"] for h in json.loads(Path(result["log"]).read_text())["epochs"]]
-    assert result["data"]["soft_targets_computed"] == len(data.train) and losses[-1] < losses[0]
-
-
 def test_answers_to_rephrasings_become_copy_sources(trained):
-    """Training's answers to a pair's variants are kept in the answer file tagged with the pair, and a query whose
+    """Training's answers to a pair's variants are recorded in the store tagged with the pair, and a query whose
     references include that pair copies from them (besides the stored answer to the pair's own question)."""
     from kvdb.answer import StoreKnowledge
     from kvdb.lm import load_model
-    from kvdb.train import AnswerBook, _prompt_key, prepare
+    from kvdb.recorded import AnswerBook, prompt_key, read_recordings
+    from kvdb.train_data import prepare
 
     rt, _ = trained
     lm = load_model(rt.config.model, rt.home)
@@ -389,8 +349,9 @@ def test_answers_to_rephrasings_become_copy_sources(trained):
     book = AnswerBook(rt, lm, rt.config.generation.max_new_tokens)
     about = book.answers_about([pair])  # also answers to those variants under other references (other runs)
     assert variant_answers and all(a in about for a in variant_answers)
-    entries = book._load_file()  # tagged by prompt (the tiny model's answers may repeat across prompts)
-    assert all(entries[_prompt_key(e.prompt)]["pair"] == e.pair for e in data.train if e.kind == "variant")
+    variants = [e for e in data.train if e.kind == "variant"]
+    entries = read_recordings(rt.store, lm.fingerprint, [prompt_key(e.prompt) for e in variants])
+    assert all(entries[prompt_key(e.prompt)].pair == e.pair for e in variants)  # tagged by prompt
     own = next(e.answer for e in data.train + data.heldout if e.kind == "question" and e.pair == pair)
     copies = StoreKnowledge(rt, lm).recorded_answers([pair])
     assert own in copies and all(a in copies for a in variant_answers)

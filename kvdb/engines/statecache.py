@@ -290,3 +290,15 @@ def prefill_with_states(engine: StatefulEngine, cache: StateCache, prompt_ids: S
         cache.put(engine.save_state())
         done = cut
     return nxt
+
+
+@dataclass(frozen=True)
+class PrefixReuse:
+    """What one prefill may reuse: the state store, and where the prompt's recurring prefixes end (kvdb.prompt's
+    ``prefix_boundaries``)."""
+
+    cache: StateCache
+    boundaries: tuple[int, ...] = ()
+
+    def prefill(self, engine: StatefulEngine, prompt_ids: Sequence[int]) -> int:
+        return prefill_with_states(engine, self.cache, prompt_ids, self.boundaries)

@@ -136,6 +136,27 @@ class BaseAnswer(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class RecordedAnswer(Base):
+    """The base model's greedy answer to a prompt other than a pair's own question under retrieval's references
+    (a rephrasing, training's variants and extra contexts, a query retrieval was unsure of), keyed by model and the
+    sha256 of the exact prompt ids. ``pair_hash`` names the pair the prompt asks about, when known; it is not a
+    foreign key, because training records answers about pairs that live only in a cache file."""
+
+    __tablename__ = "recorded_answers"
+    __table_args__ = (UniqueConstraint("fingerprint", "prompt_key", name="uq_recorded_answers_key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    prompt_key: Mapped[str] = mapped_column(String(64))  # sha256 of the prompt ids as a JSON list
+    prompt_format: Mapped[str] = mapped_column(String(64))
+    pair_hash: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    max_new_tokens: Mapped[int] = mapped_column(Integer)
+    finished: Mapped[bool] = mapped_column(Boolean)  # ended with EOS before max_new_tokens
+    data: Mapped[bytes] = mapped_column(LargeBinary)  # safetensors: output_ids int32
+    checksum: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class StoreState(Base):
     """Small counters; ``revision`` rises with every change to pairs or embeddings, so an index can tell it is
     stale with one read."""
