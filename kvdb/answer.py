@@ -10,7 +10,7 @@ feed the verifier (kvdb.policy picks per step):
 
 from __future__ import annotations
 
-import sys
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +29,8 @@ from kvdb.retrieve import QueryResult, Retriever
 from kvdb.runtime import Runtime
 from kvdb.sources import COPY_PRIORS, UNSURE_COPY_PRIORS, CopySource, ExactAnswerSource
 from kvdb.store.pairs import normalise
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -325,5 +327,5 @@ class Answerer:
     def flush_notices(self) -> None:
         self.retriever.flush_notices()
         for notice in self.notices:
-            print(f"notice: {notice}", file=sys.stderr)
+            log.warning(notice)
         self.notices.clear()

@@ -26,9 +26,10 @@ from kvdb.embed import load_embedder
 from kvdb.identity import EmbedderRef, ModelRef, resolve_embedder, resolve_model
 from kvdb.errors import ValidationError
 from kvdb.lm import LM, LayerTap, load_model, pad_right
+from kvdb.store.basemodels import ensure_model
 from kvdb.store.blobs import pack
 from kvdb.store.db import Store
-from kvdb.store.models import Embedding, ModelInfo, Pair, PairVectors
+from kvdb.store.models import Embedding, Pair, PairVectors
 from kvdb.store.pairs import domain_id
 
 
@@ -261,10 +262,8 @@ class Builder:
 
     def _ensure_model_row(self, lm: LM, layers: list[int]) -> None:
         with self.store.write() as session:
-            if session.get(ModelInfo, lm.fingerprint) is None:
-                session.add(ModelInfo(fingerprint=lm.fingerprint, name=lm.ref.name, source=lm.ref.source,
-                                      hidden_size=lm.hidden_size, num_layers=lm.num_layers,
-                                      info={**lm.describe(), "layers": layers}))
+            ensure_model(session, lm.fingerprint, name=lm.ref.name, source=lm.ref.source, hidden_size=lm.hidden_size,
+                         num_layers=lm.num_layers, info={**lm.describe(), "layers": layers})
 
     def _write(self, pairs: list[PairText], vectors: dict, embeddings: dict, rebuild: bool,
                layers: list[int] | None = None) -> None:

@@ -78,11 +78,16 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON i
 @click.option("--config", "config_path", envvar="KVDB_CONFIG", type=click.Path(dir_okay=False), default=None,
               help="YAML config [env KVDB_CONFIG; default configs/default.yaml].")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.option("--verbose", "-v", count=True, help="Also log progress on stderr (-vv: debugging detail).")
+@click.option("--quiet", "-q", is_flag=True, help="Log errors only: no notices on stderr.")
 @click.version_option(__version__, prog_name="kvdb")
 @click.pass_context
-def cli(ctx: click.Context, home: str | None, config_path: str | None, debug: bool) -> None:
+def cli(ctx: click.Context, home: str | None, config_path: str | None, debug: bool, verbose: int, quiet: bool) -> None:
     """kvdb: an embedded knowledge database that makes an LLM answer knowledge questions faster, with the same
     output."""
+    from kvdb import logs
+
+    logs.configure(verbose, quiet)
     ctx.obj = Runtime.open(home, config_path)
 
 

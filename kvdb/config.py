@@ -18,8 +18,9 @@ import yaml
 
 from kvdb.errors import ConfigError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = REPO_ROOT / "configs"
+# The shipped configs: kvdb/configs is a link to the checkout's top-level configs/ and a real folder in a wheel, so
+# a checkout, an editable install and an installed wheel all find them here.
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ own (``cpu:gloo,cuda:nccl``): counts, plans and metrics are exchanged on the CPU
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from typing import Any
 import torch
 
 from kvdb.errors import ConfigError, DistributedError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,7 @@ def session(timeout_s: float = 1800.0) -> Iterator[Rank]:
             me.local_world <= torch.cuda.device_count() else "gloo"
     dist.init_process_group(backend=backend, rank=me.rank, world_size=me.world,
                             timeout=datetime.timedelta(seconds=timeout_s))
+    log.info("rank %d of %d joined the process group (%s)", me.rank, me.world, backend)
     try:
         yield me
     except BaseException:

@@ -27,9 +27,9 @@ from kvdb.store.models import BaseAnswer, Embedding, Pair, PairVectors, Recorded
 
 OK, PROBLEM, REPAIRED, SKIPPED = "ok", "problem", "repaired", "skipped"
 
-# Temporary names of kvdb.fileio.atomic_path (".NAME.<random>.tmp") and kvdb.index ("NAME.<pid>.<hex>.tmp").
+# Temporary names of kvdb.fileio (".NAME.<pid>.<random>.tmp"; files of older kvdb versions: ".NAME.<random>.tmp").
 TEMP_RE = re.compile(r"^\..+\.tmp$")
-_INDEX_TEMP_PID = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")
+_TEMP_PID = re.compile(r"^\..+\.(\d+)\.[a-z0-9_]{8}\.tmp$")
 # A temp file younger than this may belong to a write in progress in another process: it is left alone.
 TEMP_MIN_AGE_S = 120.0
 _CHUNK = 64  # blob rows read at a time: bounds memory on a large store
@@ -368,8 +368,10 @@ def _check_temp_files(report: Report, root: Path, repair: bool, min_age_s: float
         return
     now = time.time()
     orphans, busy = [], []
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
+    for dirpath, dirs, files in os.walk(root):
+        temp_dirs = [d for d in dirs if TEMP_RE.match(d)]  # kvdb.fileio.atomic_dir's, judged whole
+        dirs[:] = [d for d in dirs if d not in temp_dirs]
+        for name in [*temp_dirs, *files]:
             if not TEMP_RE.match(name):
                 continue
             path = Path(dirpath) / name
@@ -377,14 +379,17 @@ def _check_temp_files(report: Report, root: Path, repair: bool, min_age_s: float
                 age = now - path.stat().st_mtime
             except FileNotFoundError:
                 continue  # renamed or removed by its writer meanwhile
-            m = _INDEX_TEMP_PID.match(name)
+            m = _TEMP_PID.match(name)
             writer_alive = m is not None and int(m.group(1)) != os.getpid() and _pid_alive(int(m.group(1)))
             (busy if writer_alive or age < min_age_s else orphans).append(path)
     for path in orphans:
         rel = path.relative_to(root)
         if repair:
             try:
-                path.unlink()
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
                 report.add("temp_files", REPAIRED, f"removed {rel}, left by an interrupted write")
             except FileNotFoundError:
                 pass

@@ -7,6 +7,8 @@ is stored with every vector: an index never mixes vectors of two embedders.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
@@ -14,6 +16,8 @@ from kvdb.config import EmbedderConfig
 from kvdb.errors import ModelError
 from kvdb.identity import EmbedderRef
 from kvdb.lm import select_device, select_dtype
+
+log = logging.getLogger(__name__)
 
 
 def embedder_dtype(preference: str, device: torch.device) -> torch.dtype:
@@ -49,6 +53,7 @@ class Embedder:
         except Exception as exc:
             raise ModelError(f"cannot load the embedder from {ref.path}: {exc}") from None
         self.dim: int = self.model.config.hidden_size
+        log.info("embedder %s on %s %s", ref.path, self.device, str(self.dtype).removeprefix("torch."))
 
     @property
     def key(self) -> str:

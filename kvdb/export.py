@@ -41,6 +41,7 @@ from kvdb.store.blobs import unpack
 from kvdb.store.db import Store
 from kvdb.prompt import PROMPT_FORMAT
 from kvdb.recorded import Recording, merge_recordings, recordings_by_pair
+from kvdb.store.basemodels import ensure_model
 from kvdb.store.models import BaseAnswer, Domain, Embedding, ModelInfo, Pair, PairVectors
 from kvdb.store.pairs import check_domain, domain_id
 
@@ -520,11 +521,10 @@ def _write_products(session, plan: _ImportPlan, report: ImportReport,
             "embeddings": set(session.scalars(select(Embedding.pair_hash).where(Embedding.embedder == plan.embedder))),
             "answers": set(session.scalars(select(BaseAnswer.pair_hash).where(
                 BaseAnswer.fingerprint == fp, BaseAnswer.prompt_format == PROMPT_FORMAT)))}
-    if plan.reuse_vectors and session.get(ModelInfo, fp) is None:
-        session.add(ModelInfo(fingerprint=fp, name=model["name"], source=plan.source,
-                              hidden_size=int(model["hidden_size"]), num_layers=int(model["num_layers"]),
-                              info={"imported_from": str(plan.path), "layers": list(model.get("layers", []))}))
-        session.flush()
+    if plan.reuse_vectors:
+        ensure_model(session, fp, name=model["name"], source=plan.source, hidden_size=int(model["hidden_size"]),
+                     num_layers=int(model["num_layers"]),
+                     info={"imported_from": str(plan.path), "layers": list(model.get("layers", []))})
     # Core inserts a chunk at a time: ORM objects would keep every blob in the session until commit.
     tables = {"vectors": PairVectors, "embeddings": Embedding, "answers": BaseAnswer}
     chunks: dict[str, list[dict]] = {k: [] for k in tables}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,8 @@ from pathlib import Path
 from kvdb.config import EmbedderConfig, Home, ModelConfig
 from kvdb.errors import ModelError
 from kvdb.fileio import atomic_write_bytes
+
+log = logging.getLogger(__name__)
 
 EMBEDDED_MODELS = {
     # source -> (python package holding the file, file suffix, display name)
@@ -44,13 +47,14 @@ def cached_file_hash(path: Path, cache_dir: Path) -> str:
         known = {}
     if key in known:
         return known[key]
+    log.info("hashing %s (once per version of the file)", path)
     digest = sha256_file(path)
     known[key] = digest
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(cache, json.dumps(known, indent=1).encode())
-    except OSError:
-        pass  # a read-only home still works; it just hashes again next time
+    except OSError as exc:  # a read-only home still works; it just hashes again next time
+        log.debug("file hashes not remembered in %s: %s", cache, exc)
     return digest
 
 

@@ -13,11 +13,11 @@ import copy
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
-import secrets
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +27,10 @@ import faiss
 import numpy as np
 
 from kvdb.errors import IndexCorruptError, ValidationError
+from kvdb.fileio import atomic_path, atomic_write_bytes
 from kvdb.uptodate import FAISS_FILE, META_FILE
+
+log = logging.getLogger(__name__)
 
 FORMAT = "kvdb-faiss-index"
 FORMAT_VERSION = 1
@@ -297,7 +300,8 @@ class VectorIndex:
                 del writer
 
             directory.mkdir(parents=True, exist_ok=True)
-            _atomic_write(directory / FAISS_FILE, write_faiss)
+            with atomic_path(directory / FAISS_FILE) as tmp, open(tmp, "wb") as f:
+                write_faiss(f)
             doc = {
                 "format": FORMAT,
                 "version": FORMAT_VERSION,
@@ -310,7 +314,8 @@ class VectorIndex:
                 "meta": self._meta,
             }
             text = (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode("utf-8")
-            _atomic_write(directory / META_FILE, lambda f: f.write(text))
+            atomic_write_bytes(directory / META_FILE, text)
+            log.debug("saved a %s index of %d vectors to %s", self._kind, self.ntotal, directory)
 
     @classmethod
     def load(cls, directory: Path) -> VectorIndex | None:
@@ -507,31 +512,6 @@ def _ivf_ids(index: faiss.IndexIVF) -> np.ndarray:
         if size:
             parts.append(faiss.rev_swig_ptr(invlists.get_ids(list_no), size).copy())
     return np.concatenate(parts).astype(np.int64, copy=False) if parts else np.empty(0, dtype=np.int64)
-
-
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; directories cannot be opened for fsync on Windows, where this is skipped.
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _read_json_bytes(json_path: Path, faiss_path: Path) -> bytes:

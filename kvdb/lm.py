@@ -18,8 +18,6 @@ import inspect
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -28,6 +26,7 @@ import torch
 
 from kvdb.config import Home, ModelConfig
 from kvdb.errors import ModelError, ValidationError
+from kvdb.fileio import atomic_dir
 from kvdb.identity import ModelRef, resolve_model
 
 
@@ -86,21 +85,15 @@ def _convert_gguf(ref: ModelRef) -> None:
     if getattr(config, "tie_word_embeddings", False):
         fresh.tie_weights()
     fresh.generation_config = loaded.generation_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
-        fresh.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "kvdb_model.json").write_text(json.dumps(
-            {"source": ref.source, "gguf": str(ref.gguf_path), "fingerprint": ref.fingerprint}, indent=1))
-        os.replace(tmp, target)  # the folder appears whole or not at all
-    except FileExistsError:
-        shutil.rmtree(tmp, ignore_errors=True)  # another process converted it first
+        with atomic_dir(target) as tmp:  # the folder appears whole or not at all; a first process's copy is kept
+            fresh.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "kvdb_model.json").write_text(json.dumps(
+                {"source": ref.source, "gguf": str(ref.gguf_path), "fingerprint": ref.fingerprint}, indent=1))
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if Path(target).is_dir():
-            return
-        raise ModelError(f"cannot write the converted model to {target}: {exc.strerror}") from None
+        if not target.is_dir():  # another process may have converted it while this write failed
+            raise ModelError(f"cannot write the converted model to {target}: {exc.strerror}") from None
 
 
 class LM:

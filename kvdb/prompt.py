@@ -52,15 +52,18 @@ def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
 
 def prefix_boundaries(lm, question: str, references: Sequence[Reference], ids: Sequence[int]) -> tuple[int, ...]:
     """Where the recurring parts of the prompt ``ids`` end: the instruction (shared by every prompt with
-    references) and the whole system turn with its references (shared by every question that retrieves the same
-    pairs). Each is the common prefix of ``ids`` with that part rendered alone, so a tokenizer that merges tokens
-    across a boundary only moves it; an engine restores the state of such a prefix instead of recomputing it."""
-    system = build_messages(question, references)[0]
-    parts = [{"role": "system", "content": f"{INSTRUCTION}\n\nReference:\n"}] if references else []
+    references), the top pair's reference block (shared by every question whose best match is that pair) and the
+    whole system turn (shared by every question that retrieves the same pairs). Each is the common prefix of ``ids``
+    with that part rendered alone, so a tokenizer that merges tokens across a boundary only moves it; an engine
+    restores the state of such a prefix instead of recomputing it."""
+    systems = [f"{INSTRUCTION}\n\nReference:\n"] if references else []
+    systems += [build_messages(question, references[:n])[0]["content"] for n in sorted({1, len(references)}) if n]
+    if not references:
+        systems.append(build_messages(question, references)[0]["content"])
     cuts = set()
-    for message in [*parts, system]:
+    for content in systems:
         try:
-            rendered = lm.chat_ids([message], add_generation_prompt=False)
+            rendered = lm.chat_ids([{"role": "system", "content": content}], add_generation_prompt=False)
         except Exception:  # a chat template that refuses a lone system turn: no boundary there
             continue
         cuts.add(common_prefix_length([rendered, ids]))

@@ -33,7 +33,8 @@ from sqlalchemy import delete, select
 from kvdb.errors import CorruptError, StoreError
 from kvdb.prompt import PROMPT_FORMAT
 from kvdb.store.blobs import pack, unpack
-from kvdb.store.models import BaseAnswer, ModelInfo, Pair, RecordedAnswer
+from kvdb.store.basemodels import ensure_model
+from kvdb.store.models import BaseAnswer, Pair, RecordedAnswer
 
 log = logging.getLogger(__name__)
 
@@ -275,11 +276,8 @@ class AnswerBook:
         """Replace the pairs' own-question answers: one transaction."""
         with self.store.write() as session:
             alive = set(session.scalars(select(Pair.hash).where(Pair.hash.in_([r.pair_hash for r in requests]))))
-            if session.get(ModelInfo, self.lm.fingerprint) is None:
-                session.add(ModelInfo(fingerprint=self.lm.fingerprint, name=self.lm.ref.name,
-                                      source=self.lm.ref.source, hidden_size=self.lm.hidden_size,
-                                      num_layers=self.lm.num_layers, info=self.lm.describe()))
-                session.flush()
+            ensure_model(session, self.lm.fingerprint, name=self.lm.ref.name, source=self.lm.ref.source,
+                         hidden_size=self.lm.hidden_size, num_layers=self.lm.num_layers, info=self.lm.describe())
             for r in requests:
                 if r.pair_hash not in alive:
                     continue

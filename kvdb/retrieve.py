@@ -11,7 +11,7 @@ embeddings table, which is the source of truth.
 
 from __future__ import annotations
 
-import sys
+import logging
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -28,6 +28,8 @@ from kvdb.store.db import Store
 from kvdb.store.models import Embedding, Pair
 from kvdb.store.pairs import domain_id
 from kvdb.uptodate import index_dir
+
+log = logging.getLogger(__name__)
 
 SLOTS = 16  # slot 0: question, 1: answer, 2..15: question variants
 FIELD_SLOTS = {"question": 0, "answer": 1}
@@ -227,5 +229,5 @@ class Retriever:
 
     def flush_notices(self) -> None:
         for notice in self.notices:
-            print(f"notice: {notice}", file=sys.stderr)
+            log.warning(notice)
         self.notices.clear()

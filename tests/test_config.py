@@ -19,6 +19,16 @@ def test_shipped_configs_load_with_seed_defaults():
     assert qwen.model.chat_template_kwargs == {"enable_thinking": False}
 
 
+def test_shipped_configs_live_in_the_package_and_are_the_default():
+    """kvdb/configs is a link to the top-level configs/ (one source) that a wheel carries as a real folder."""
+    import kvdb
+
+    package = Path(kvdb.__file__).resolve().parent
+    assert CONFIG_DIR == package / "configs"
+    assert CONFIG_DIR.resolve() == (package.parent / "configs").resolve()  # the checkout's folder, not a copy
+    assert load_config().source == str(CONFIG_DIR / "default.yaml")
+
+
 @pytest.mark.parametrize(
     "text, needle",
     [

@@ -55,14 +55,17 @@ def test_prefix_boundaries_end_where_the_recurring_parts_end(tiny_config):  # no
     refs = [Reference("What is a B-tree?", "A balanced search tree."), Reference("What is a heap?", "A tree.")]
     ids = prompt_ids(lm, "How do B-trees stay balanced?", refs)
     cuts = prefix_boundaries(lm, "How do B-trees stay balanced?", refs, ids)
-    assert len(cuts) == 2 and 0 < cuts[0] < cuts[1] < len(ids)
-    # The second boundary is shared by another question retrieving the same pairs; the first by any references.
+    assert len(cuts) == 3 and 0 < cuts[0] < cuts[1] < cuts[2] < len(ids)
+    # The last boundary is shared by another question retrieving the same pairs, the middle one by a question whose
+    # top pair is the same, the first by any prompt with references.
     other = prompt_ids(lm, "Why are B-tree nodes wide?", refs)
-    assert other[:cuts[1]] == ids[:cuts[1]]
+    assert other[:cuts[2]] == ids[:cuts[2]]
+    same_top = prompt_ids(lm, "Why are B-tree nodes wide?", refs[:1] + [Reference("What is a trie?", "A tree.")])
+    assert same_top[:cuts[1]] == ids[:cuts[1]] and same_top[:cuts[2]] != ids[:cuts[2]]
     third = prompt_ids(lm, "What is entropy?", [Reference("What is entropy?", "Disorder.")])
-    assert third[:cuts[0]] == ids[:cuts[0]]
+    assert third[:cuts[0]] == ids[:cuts[0]] and third[:cuts[1]] != ids[:cuts[1]]
     system = lm.chat_ids(build_messages("x", refs)[:1], add_generation_prompt=False)
-    assert ids[:cuts[1]] == system[:cuts[1]] and INSTRUCTION in lm.decode(ids[:cuts[0]])
+    assert ids[:cuts[2]] == system[:cuts[2]] and INSTRUCTION in lm.decode(ids[:cuts[0]])
 
 
 @pytest.mark.skipif(not llama_cpp_installed(), reason="llama-cpp-python is not installed (run `make install`)")

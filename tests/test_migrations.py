@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from pathlib import Path
 
 import pytest
 
@@ -10,7 +11,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
 from kvdb.errors import SchemaError
-from kvdb.store.db import SCHEMA_HEAD, Store
+from kvdb.store.db import MIGRATIONS_DIR, SCHEMA_HEAD, Store
 from kvdb.store.models import Base
 from tests.conftest import Kvdb
 
@@ -64,6 +65,17 @@ def test_models_match_migrations(tmp_path):
     with store.engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert diff == []
+
+
+def test_migrations_live_in_the_package():
+    """kvdb/migrations is a link to the top-level migrations/ (one source) that a wheel carries as a real folder;
+    tests/test_wheel.py runs them from an installed wheel."""
+    import kvdb
+
+    package = Path(kvdb.__file__).resolve().parent
+    assert MIGRATIONS_DIR == package / "migrations"
+    assert MIGRATIONS_DIR.resolve() == (package.parent / "migrations").resolve()
+    assert (MIGRATIONS_DIR / "env.py").is_file() and list((MIGRATIONS_DIR / "versions").glob("0001_*.py"))
 
 
 def test_schema_head_constant_is_the_newest_migration(tmp_path):

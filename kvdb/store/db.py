@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import sqlite3
 from collections.abc import Iterator
@@ -26,7 +27,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from kvdb.errors import SchemaError, StoreError
 from kvdb.store.models import StoreState
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent.parent / "migrations"
+log = logging.getLogger(__name__)
+
+# Alembic's scripts: kvdb/migrations is a link to the checkout's top-level migrations/ and a real folder in a
+# wheel, so a checkout, an editable install and an installed wheel all run the same scripts from here.
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 # The newest migration, so that opening a store at head needs one SELECT and not Alembic's script loader (half a
 # second of imports on every command); tests/test_migrations.py checks it against the migrations folder.
 SCHEMA_HEAD = "0003"
@@ -343,6 +348,7 @@ class Store:
         if current is None:
             with self._migration_lock():
                 if self.current_revision() is None:  # another process may have migrated while we waited
+                    log.info("creating the store schema at %s (revision %s)", self.where, head)
                     self._run_alembic("upgrade", "head")
             return
         from alembic.script import ScriptDirectory
