@@ -58,15 +58,11 @@ def _rt(ctx: click.Context) -> Runtime:
     return ctx.find_root().obj
 
 
-def _notice(text: str) -> None:
-    click.echo(f"notice: {text}", err=True)
-
-
 def _kb(ctx: click.Context, **options):
-    """The library over this invocation's home and config; its notices go to stderr."""
+    """The library over this invocation's home and config (its notices are logged: stderr unless -q)."""
     from kvdb.api import KnowledgeBase
 
-    return KnowledgeBase(_rt(ctx), on_notice=_notice, **options)
+    return KnowledgeBase(_rt(ctx), **options)
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
