@@ -3,6 +3,7 @@ CLI's JSON, models load once, streaming joins to the answer and stops when asked
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 from pathlib import Path
@@ -197,3 +198,12 @@ def test_open_uses_the_cli_defaults(kvb: Kvdb, monkeypatch):  # noqa: F811
         assert kb.domains() == kvb.json("domains")
         assert kb.list() == kvb.json("list")
     assert isinstance(kb, kvdb.KnowledgeBase)
+
+
+def test_cli_notices_come_through_the_library_log(kvb: Kvdb):  # noqa: F811
+    """The CLI over the library: its notices (here: no trained draft) reach stderr as `notice:` lines, and -q
+    silences them without changing the answer."""
+    loud = kvb("query", "--generate", "--json", "-n", "4", "What is entropy?")
+    quiet = kvb("-q", "query", "--generate", "--json", "-n", "4", "What is entropy?")
+    assert "notice: no trained draft" in loud.stderr and "notice:" not in quiet.stderr
+    assert json.loads(quiet.stdout)["output_ids"] == json.loads(loud.stdout)["output_ids"]
