@@ -58,6 +58,13 @@ def _rt(ctx: click.Context) -> Runtime:
     return ctx.find_root().obj
 
 
+def _kb(ctx: click.Context, **options):
+    """The library over this invocation's home and config (its notices are logged: stderr unless -q)."""
+    from kvdb.api import KnowledgeBase
+
+    return KnowledgeBase(_rt(ctx), **options)
+
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 
 
@@ -130,10 +137,10 @@ def _parse_meta(values: tuple[str, ...]) -> dict[str, Any]:
 def add(ctx, domain, question, answer, meta, path, replace, as_json) -> None:
     """Add one pair (-d -q -a) or a JSONL/CSV file of pairs (--file), all or nothing."""
     from kvdb.store.ingest import read_pairs
-    from kvdb.store.pairs import PairInput, add_pairs
+    from kvdb.store.pairs import PairInput
 
-    rt = _rt(ctx)
-    limits = rt.config.store
+    kb = _kb(ctx)
+    limits = kb.config.store
     if path is not None:
         if question is not None or answer is not None or meta:
             raise click.UsageError("give either --file or -q/-a/--meta, not both")
@@ -142,7 +149,7 @@ def add(ctx, domain, question, answer, meta, path, replace, as_json) -> None:
         if question is None or answer is None or domain is None:
             raise click.UsageError("give --domain, --question and --answer (or --file)")
         items = [PairInput(domain=domain, question=question, answer=answer, metadata=_parse_meta(meta))]
-    report = add_pairs(rt.store, items, limits, replace=replace)
+    report = kb.add_pairs(items, replace=replace)
     if as_json:
         emit_json({**report.as_dict(), "hashes": report.hashes})
         return
@@ -171,11 +178,7 @@ def _one_line(text: str, width: int) -> str:
 @click.pass_context
 def list_(ctx, domain, as_json) -> None:
     """List pairs (all of them; --json prints a JSON array)."""
-    from kvdb.store.pairs import list_pairs, pair_dict
-
-    rt = _rt(ctx)
-    with rt.store.read() as session:
-        rows = [pair_dict(p) for p in list_pairs(session, domain)]
+    rows = _kb(ctx).list(domain)
     if as_json:
         emit_json(rows)
         return
@@ -190,10 +193,7 @@ def list_(ctx, domain, as_json) -> None:
 @click.pass_context
 def show(ctx, hash_prefix, as_json) -> None:
     """Show one pair by its hash (a unique prefix is enough)."""
-    from kvdb.store.pairs import find_pair, pair_dict
-
-    with _rt(ctx).store.read() as session:
-        row = pair_dict(find_pair(session, hash_prefix))
+    row = _kb(ctx).get(hash_prefix)
     if as_json:
         emit_json(row)
         return
@@ -211,12 +211,9 @@ def show(ctx, hash_prefix, as_json) -> None:
 @click.pass_context
 def remove(ctx, hash_prefixes, domain, as_json) -> None:
     """Remove pairs by hash (prefixes) or a whole domain; all named pairs must exist or none is removed."""
-    from kvdb.store.pairs import remove_domain, remove_pairs
-
     if bool(hash_prefixes) == bool(domain):
         raise click.UsageError("give one or more hashes, or --domain, but not both")
-    store = _rt(ctx).store
-    removed = remove_domain(store, domain) if domain else remove_pairs(store, hash_prefixes)
+    removed = _kb(ctx).remove(*hash_prefixes, domain=domain)
     if as_json:
         emit_json({"removed": len(removed), "hashes": removed})
     else:
@@ -228,10 +225,7 @@ def remove(ctx, hash_prefixes, domain, as_json) -> None:
 @click.pass_context
 def domains(ctx, as_json) -> None:
     """List domains with their pair counts."""
-    from kvdb.store.pairs import domain_counts
-
-    with _rt(ctx).store.read() as session:
-        rows = domain_counts(session)
+    rows = _kb(ctx).domains()
     if as_json:
         emit_json(rows)
         return
@@ -375,8 +369,6 @@ def _read_queries(path: str) -> list[str]:
 def query(ctx, question, path, top_k, domain, cache_path, generate, max_new_tokens, draft_path, no_draft, draft_only,
           vs_greedy, as_json) -> None:
     """Find the pairs that best answer QUESTION (or each query of --file); --generate answers it."""
-    from kvdb.retrieve import Retriever
-
     if (question is None) == (path is None):
         raise click.UsageError("give a QUESTION or --file, not both")
     if not generate and (max_new_tokens is not None or draft_path or no_draft or draft_only or vs_greedy):
@@ -384,24 +376,15 @@ def query(ctx, question, path, top_k, domain, cache_path, generate, max_new_toke
                                "--generate")
     if draft_only and no_draft:
         raise click.UsageError("--draft-only and --no-draft contradict each other")
-    rt = _rt(ctx)
     queries = [question] if path is None else _read_queries(path)
     if generate:
-        _generate(rt, queries, path is not None, top_k, _domain_arg(domain), max_new_tokens, draft_path, no_draft,
+        _generate(ctx, queries, path is not None, top_k, _domain_arg(domain), max_new_tokens, draft_path, no_draft,
                   draft_only, cache_path, vs_greedy, as_json)
         return
-    if cache_path is not None:
-        from kvdb.deployed import CacheRetriever
-        from kvdb.export import load_cache
-
-        retriever = CacheRetriever(rt.config, rt.home, load_cache(cache_path), cache_path)
-    else:
-        retriever = Retriever(rt.config, rt.home, rt.store)
-    results = retriever.search(queries, top_k, _domain_arg(domain))
-    retriever.flush_notices()
+    results = _kb(ctx, cache=cache_path).query_many(queries, top_k, _domain_arg(domain))
     for result in results:
         if as_json:
-            emit_json(result.as_dict(), indent=None if path else 2)
+            emit_json(result.to_dict(), indent=None if path else 2)
             continue
         if path:
             click.echo(f"? {result.query}")
@@ -417,47 +400,30 @@ def _print_matches(result, answer_lines: bool = True) -> None:
             click.echo(f"   {_one_line(m.answer, 200)}")
 
 
-class _Streamer:
-    """Prints decoded text as tokens are accepted (decoding the whole answer each time keeps multi-byte
-    characters and tokenizer spacing right)."""
-
-    def __init__(self, lm):
-        self.lm, self.ids, self.shown = lm, [], ""
-
-    def __call__(self, tokens: list[int]) -> None:
-        self.ids += tokens
-        text = self.lm.decode(self.ids)
-        if text.startswith(self.shown) and not text.endswith("\ufffd"):
-            click.echo(text[len(self.shown):], nl=False)
-            self.shown = text
-
-
-def _generate(rt, queries, many, top_k, domain, max_new_tokens, draft_path, no_draft, draft_only, cache_path,
+def _generate(ctx, queries, many, top_k, domain, max_new_tokens, draft_path, no_draft, draft_only, cache_path,
               vs_greedy, as_json) -> None:
-    from kvdb.answer import Answerer
-
-    answerer = Answerer(rt, draft_path=draft_path, use_draft=not no_draft, cache=cache_path)
-    answerer.flush_notices()
-    answer = answerer.answer_draft_only if draft_only else answerer.answer
+    kb = _kb(ctx, draft=draft_path, use_draft=not no_draft, cache=cache_path)
+    answerer = kb.answerer()
+    kb.flush_notices()
     if not draft_only:
         answerer.pass_plan()  # measured once per machine, before anything is timed
     if vs_greedy:
         answerer.warm_up()  # the first passes of a process are slow for any method: keep them out of the ratio
-    answerer.flush_notices()
+    kb.flush_notices()
     for q in queries:
         if as_json:
-            result = answer(q, max_new_tokens, top_k, domain)
+            result = kb.answer(q, max_new_tokens, top_k, domain, draft_only=draft_only).raw
             if vs_greedy:
-                _vs_greedy(rt, answerer, result)
-            answerer.flush_notices()
+                _vs_greedy(kb.rt, answerer, result)
+            kb.flush_notices()
             emit_json(result.as_dict(), indent=None if many else 2)
             continue
         if many:
             click.echo(f"? {q}")
         if draft_only:
             click.echo("[draft only, NOT verified by the base model]", err=True)
-        streamer = _Streamer(answerer.lm)
-        result = answer(q, max_new_tokens, top_k, domain, on_tokens=streamer)
+        result = kb.answer(q, max_new_tokens, top_k, domain, draft_only=draft_only,
+                           on_text=lambda piece: click.echo(piece, nl=False)).raw
         click.echo()
         s = result.stats
         how = ("drafted alone, unverified" if draft_only else
@@ -465,7 +431,7 @@ def _generate(rt, queries, many, top_k, domain, max_new_tokens, draft_path, no_d
         click.echo(f"[{s['new_tokens']} tokens in {s['seconds']:.2f}s, {how}; reference: "
                    f"{result.result.matches[0].question if result.result.matches else 'none'}]", err=True)
         if vs_greedy:
-            b = _vs_greedy(rt, answerer, result)
+            b = _vs_greedy(kb.rt, answerer, result)
             if draft_only:
                 sim = b["similarity"]
                 click.echo(f"[verified answer in {b['seconds']:.2f}s (the draft alone was {b['speedup']:.2f}x faster);"
@@ -473,7 +439,7 @@ def _generate(rt, queries, many, top_k, domain, max_new_tokens, draft_path, no_d
             else:
                 click.echo(f"[plain greedy: {b['seconds']:.2f}s; speedup {b['speedup']:.2f}x; identical output: "
                            f"{'yes' if b['identical'] else 'NO'}]", err=True)
-        answerer.flush_notices()
+        kb.flush_notices()
 
 
 def _vs_greedy(rt, answerer, result) -> dict[str, Any]:
@@ -496,15 +462,12 @@ def _vs_greedy(rt, answerer, result) -> dict[str, Any]:
 @click.pass_context
 def export(ctx, domain, out, as_json) -> None:
     """Write knowledge_cache.pth and knowledge_cache_<domain>.pth (built pairs, their vectors and embeddings)."""
-    from kvdb.export import export_caches
-
-    rt = _rt(ctx)
-    files = export_caches(rt.config, rt.home, rt.store, domain=domain, out=out)
+    files = _kb(ctx).export(out=out, domain=domain)
     if as_json:
-        emit_json([f.__dict__ for f in files])
+        emit_json(files)
         return
     for f in files:
-        click.echo(f"{f.path}  ({f.pairs} pairs)")
+        click.echo(f"{f['path']}  ({f['pairs']} pairs)")
 
 
 @cli.command(name="import")
@@ -542,6 +505,24 @@ def compare(ctx, text_a, text_b, as_json) -> None:
         return
     click.echo(f"cosine {result['cosine']:.4f}  token F1 {result['token_f1']:.4f}  "
                f"exact {'yes' if result['exact'] else 'no'}  ({result['embedder']})")
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; a non-loopback one needs --api-key (or --insecure).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="Port to listen on.")
+@click.option("--api-key", envvar="KVDB_API_KEY", default=None,
+              help="Require Authorization: Bearer KEY on every endpoint but /health [env KVDB_API_KEY].")
+@click.option("--insecure", is_flag=True, help="Allow a non-loopback --host without an API key.")
+@click.pass_context
+def serve(ctx, host, port, api_key, insecure) -> None:
+    """Serve over HTTP: OpenAI-compatible chat completions (streaming), /v1/query, /v1/pairs, /v1/build, /metrics."""
+    from kvdb.api import KnowledgeBase
+    from kvdb.serve import check_bind, run
+
+    check_bind(host, api_key, insecure)  # refused before any model is loaded
+    click.echo(f"kvdb serving {_rt(ctx).home.root} on http://{host}:{port} (loading models first)", err=True)
+    run(KnowledgeBase(_rt(ctx)), host, port, api_key, insecure)
 
 
 @cli.command()

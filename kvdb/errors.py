@@ -59,3 +59,7 @@ class ForeignFileError(KvdbError):
 
 class DistributedError(KvdbError):
     """Under torchrun, another rank stopped (its own error says why) or the ranks could not reach each other."""
+
+
+class AnswerCancelled(KvdbError):
+    """An answer was stopped before it finished (its caller asked to stop, e.g. a client went away)."""

@@ -218,3 +218,21 @@ def test_normalise_and_hash_identity():
     assert pair_hash("What is x?", "It is y.") != pair_hash("What is X?", "It is y.")
     # NFC: a composed and a decomposed é are the same text.
     assert pair_hash("caf\u00e9?", "a") == pair_hash("cafe\u0301?", "a")
+
+
+def test_pair_commands_do_not_import_torch(tmp_path):
+    """The pair commands go through kvdb.api, which imports retrieval and the models only where they are used."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = ("import json, sys\nfrom kvdb.cli import cli\n"
+              "for args in (['add', '-d', 'cs', '-q', 'What is a heap?', '-a', 'A priority queue.'], ['list'],"
+              " ['domains'], ['remove', '--domain', 'cs']):\n"
+              "    cli.main(['--home', sys.argv[1], *args, '--json'], prog_name='kvdb', standalone_mode=False)\n"
+              "print(json.dumps(sorted(m for m in ('torch', 'transformers', 'faiss') if m in sys.modules)))\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "home")], capture_output=True, text=True,
+                         env=env, check=True).stdout.splitlines()
+    assert '"question": "What is a heap?"' in "\n".join(out) and json.loads(out[-1]) == []
