@@ -33,6 +33,8 @@ def greedy(kb, prompt_ids: list[int], n: int) -> list[int]:
 
 
 def test_documented_example_runs(tmp_path, tiny_config, monkeypatch, capsys):  # noqa: F811
+    readme = (DOCS.parent.parent / "README.md").read_text(encoding="utf-8")
+    assert doc_example("Use it from Python") in readme  # the README shows the example this test runs
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("KVDB_CONFIG", str(tiny_config))
     ns: dict = {}
