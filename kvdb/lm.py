@@ -243,15 +243,19 @@ def new_cache(model):
         return DynamicCache()
 
 
-def pad_right(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids [B, T] and attention mask [B, T]: real tokens keep positions 0..n-1, exactly as if each
-    sequence ran alone, so padding changes no hidden state."""
-    longest = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), longest), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), longest), dtype=torch.long)
+def pad_right(seqs: Sequence[Sequence[int]], pad: int, width: int | None = None,
+              left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded ids [B, width] and attention mask [B, width] (width: the longest sequence by default). Right padding
+    (the default) keeps each sequence's tokens at positions 0..n-1, exactly as if it ran alone; ``left`` puts them at
+    the right end, where batched decoding appends to every row at once."""
+    width = max(len(s) for s in seqs) if width is None else width
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
+        if s:
+            cols = slice(width - len(s), width) if left else slice(0, len(s))
+            ids[i, cols] = torch.tensor(list(s), dtype=torch.long)
+            mask[i, cols] = 1
     return ids, mask
 
 

@@ -15,45 +15,25 @@ from typing import Any
 import torch
 
 from kvdb.errors import CorruptError
-from kvdb.lm import new_cache
-from kvdb.prompt import PROMPT_FORMAT
+from kvdb.lm import new_cache, pad_right
+from kvdb.prompt import PROMPT_FORMAT, common_prefix_length
 from kvdb.recorded import AnswerBook, AnswerRequest
 
 log = logging.getLogger(__name__)
 
 
 # -- batched greedy decoding over shared prefixes ------------------------------------------------------------------
-def _common_prefix(prompts: Sequence[Sequence[int]]) -> int:
-    n = min(len(p) for p in prompts)
-    first = prompts[0]
-    for i in range(n):
-        if any(p[i] != first[i] for p in prompts[1:]):
-            return i
-    return n
-
-
-def _left_padded(rows: Sequence[Sequence[int]], width: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """ids and attention mask [len(rows), width], each row's tokens at the right end."""
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r):] = torch.tensor(list(r))
-            mask[i, width - len(r):] = 1
-    return ids, mask
-
-
 def _prefill(lm, groups: Sequence[Sequence[Sequence[int]]], pad: int):
     """Run each group's shared prefix once, then every prompt's own tail on a copy of its group's cache.
     Returns (logits after each prompt [R, V], cache, attention mask [R, T], position of each row's last token)."""
     model, dev = lm.model, lm.device
-    cuts = [min(_common_prefix(g), min(len(p) for p in g) - 1) for g in groups]  # every row keeps a tail token
+    cuts = [min(common_prefix_length(g), min(len(p) for p in g) - 1) for g in groups]  # every row keeps a tail token
     width = max(cuts)
     cache = new_cache(model)
     owner = torch.tensor([i for i, g in enumerate(groups) for _ in g], device=dev)
     mask = torch.zeros((len(owner), 0), dtype=torch.long, device=dev)
     if width:
-        ids, mask = _left_padded([g[0][:c] for g, c in zip(groups, cuts)], width, pad)
+        ids, mask = pad_right([g[0][:c] for g, c in zip(groups, cuts)], pad, width, left=True)
         ids, mask = ids.to(dev), mask.to(dev)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1)
@@ -61,7 +41,7 @@ def _prefill(lm, groups: Sequence[Sequence[Sequence[int]]], pad: int):
         mask = mask[owner]
     tails = [p[c:] for g, c in zip(groups, cuts) for p in g]
     span = max(len(t) for t in tails)
-    tail_ids, tail_mask = _left_padded(tails, span, pad)
+    tail_ids, tail_mask = pad_right(tails, pad, span, left=True)
     mask = torch.cat([mask, tail_mask.to(dev)], dim=-1)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=tail_ids.to(dev), attention_mask=mask, position_ids=pos[:, -span:], cache=cache,
