@@ -51,6 +51,16 @@ _PG_DOCUMENT = ("to_tsvector('english'::regconfig, question || ' ' || answer || 
                 "coalesce(metadata ->> 'variants', ''))")
 PG_INDEX_SQL = f"CREATE INDEX IF NOT EXISTS {PG_INDEX} ON pairs USING gin ({_PG_DOCUMENT})"
 
+
+
+def in_orm_schema(name: str | None, type_: str, parent_names: dict) -> bool:
+    """Alembic's ``include_name`` hook: the full-text table (and FTS5's shadow tables) and index are this module's,
+    not the ORM's, so comparing the models with the database leaves them out."""
+    if type_ == "table" and name is not None and name.startswith(FTS_TABLE):
+        return False
+    return not (type_ == "index" and name == PG_INDEX)
+
+
 _WORD = re.compile(r"\w+", re.UNICODE)
 # Words that match most questions and say nothing about which pair is meant.
 STOPWORDS = frozenset("""

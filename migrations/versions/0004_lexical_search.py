@@ -5,7 +5,8 @@ SQLite: ``pairs_fts`` (question, answer, variants) with rowid = pair id, filled 
 in step by triggers on ``pairs``, so every write path (add, replace, remove, import, ``db copy``) updates it in the
 writing transaction. PostgreSQL: a GIN index over the same text as a ``to_tsvector`` expression, which the server
 keeps in step itself. The table and index live outside the ORM metadata (kvdb.lexical owns their SQL), so
-``db copy`` does not copy them: the target's own triggers fill its table.
+``db copy`` does not copy them: the target's own triggers fill its table. A later SQLite migration that rebuilds
+``pairs`` by copy-and-move (batch mode) drops these triggers with the old table and must create them again.
 
 Revision ID: 0004
 Revises: 0003
