@@ -251,6 +251,8 @@ class Retriever:
 
     def _cosines(self, index: VectorIndex, vector: np.ndarray, pids: list[int]) -> dict[int, float]:
         """The exact best-field cosine of each of ``pids`` that has an embedding (an exact scan of their fields)."""
+        if not pids:
+            return {}
         fields = (np.asarray(pids, dtype=np.int64)[:, None] * SLOTS + np.arange(SLOTS)).ravel()
         (hits,) = index.search(vector, len(fields), allowed_ids=fields)  # the index keeps the ids it holds
         return dict(best_per_pair(hits, len(pids)))

@@ -191,3 +191,25 @@ def test_query_file_writes_each_batch_before_searching_the_next(kvb: Kvdb, tmp_p
     assert lines_before_batch == [0, 2, 4]
     assert [json.loads(line)["query"] for line in out] == queries
     assert all(json.loads(line)["matches"][0]["question"] == q for line, q in zip(out, queries))
+
+
+def test_lexical_search_on_postgres(pg_kv: Kvdb, pg_url, tmp_path):
+    """PostgreSQL's full-text search over the same fields: stemmed words match, the domain filters, a removed pair
+    is gone (the GIN index follows the table by itself)."""
+    pg_kv("add", "--file", str(write_jsonl(tmp_path / "p.jsonl", [TREE, PRIME])))
+    store = Store(pg_url)
+    try:
+        with store.read() as session:
+            ids = dict(session.execute(text("select question, id from pairs")).all())
+            cs = session.execute(text("select id from domains where name = 'cs'")).scalar()
+            assert [p for p, _ in lexical.search(session, "bifurcating hierarchies", 5)] == [ids[TREE["question"]]]
+            assert lexical.search(session, "divisible", 5, domain_id=cs) == []
+            found = lexical.search(session, "divisible primes", 5)
+            assert [p for p, _ in found] == [ids[PRIME["question"]]] and 0 < found[0][1] < 1
+            assert lexical.search(session, "what is the", 5) == []
+        prime = [r for r in pg_kv.json("list") if r["domain"] == "math"][0]
+        pg_kv("remove", prime["hash"][:12])
+        with store.read() as session:
+            assert lexical.search(session, "divisible primes", 5) == []
+    finally:
+        store.dispose()
