@@ -258,7 +258,7 @@ class Retriever:
         return dict(best_per_pair(hits, len(pids)))
 
     def _rerank(self, query: str, matches: list[Match]) -> list[Match]:
-        """Candidates re-scored as cosine + weight * PMI(question; answer) under the base model."""
+        """Candidates re-scored as fused score + weight * PMI(question; answer) under the base model."""
         conditional, null = self.reranker().score(query, [m.answer for m in matches])
         weight = self.config.index.rerank_weight
         for m, c in zip(matches, conditional):
