@@ -62,7 +62,7 @@ def test_stats_report_the_server_database_size(pg_kv: Kvdb):
     stats = pg_kv.json("stats")
     assert stats["backend"] == "postgresql" and stats["database_bytes"] > 1_000_000  # an empty PG database is ~7 MB
     assert stats["pairs"] == 1 and stats["store_revision"] == 1 and "kvdb@127.0.0.1" in stats["database"]
-    assert "bytes (postgresql), schema 0003" in pg_kv("stats").stdout
+    assert f"bytes (postgresql), schema {SCHEMA_HEAD}" in pg_kv("stats").stdout
 
 
 # -- migrations ------------------------------------------------------------------------------------------------------
