@@ -144,13 +144,12 @@ def evaluate(rows: list[Row], method: str, w: float | None) -> dict:
         conf_par += [best(r, method, wf) >= t for r in test if r.kind != "unanswerable"]
         conf_una += [best(r, method, wf) >= t for r in test if r.kind == "unanswerable"]
     w_all = choose_weight(rows) if w is None else w
-    recall_rows = [r for r in rows]
     return {
         "weight": w_all,
-        "recall@1": recall(recall_rows, method, w_all, None, 1),
-        "recall@5": recall(recall_rows, method, w_all, None, 5),
-        "recall@1_hard": recall(recall_rows, method, w_all, "hard", 1),
-        "recall@5_hard": recall(recall_rows, method, w_all, "hard", 5),
+        "recall@1": recall(rows, method, w_all, None, 1),
+        "recall@5": recall(rows, method, w_all, None, 5),
+        "recall@1_hard": recall(rows, method, w_all, "hard", 1),
+        "recall@5_hard": recall(rows, method, w_all, "hard", 5),
         "paraphrases_confident": float(np.mean(conf_par)),
         "unanswerable_confident": float(np.mean(conf_una)),
         "threshold (all)": threshold(rows, method, w_all),
