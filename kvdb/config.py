@@ -91,7 +91,7 @@ class IndexConfig:
     rerank_weight: float = 0.5
     # Score the best match must reach to be called confident (`kvdb query --min-score` overrides it): with rerank,
     # fused score + weight * PMI; without, the fused score. Calibrated by benchmarks/eval_retrieval.py (see README).
-    confident_threshold: float = 1.52
+    confident_threshold: float = 1.72
     confident_threshold_no_rerank: float = 1.07
 
     def __post_init__(self) -> None:
