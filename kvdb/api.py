@@ -329,17 +329,19 @@ class KnowledgeBase:
         return [dict(f.__dict__) for f in files]
 
     # -- retrieval and answers -------------------------------------------------------------------------------------
-    def query(self, question: str, top_k: int | None = None, domain: str | None = None) -> SearchResult:
-        """The pairs that best answer ``question`` (`kvdb query --json`)."""
-        return self.query_many([question], top_k, domain)[0]
+    def query(self, question: str, top_k: int | None = None, domain: str | None = None,
+              min_score: float | None = None) -> SearchResult:
+        """The pairs that best answer ``question`` (`kvdb query --json`); ``confident`` when the best scores at least
+        ``min_score`` [config index.confident_threshold_no_rerank, or confident_threshold with the re-rank]."""
+        return self.query_many([question], top_k, domain, min_score)[0]
 
-    def query_many(self, questions: list[str], top_k: int | None = None,
-                   domain: str | None = None) -> list[SearchResult]:
+    def query_many(self, questions: list[str], top_k: int | None = None, domain: str | None = None,
+                   min_score: float | None = None) -> list[SearchResult]:
         if isinstance(questions, str):
             raise ValidationError("query_many takes a list of questions")
         retriever = self.retriever()
         with self._search_lock, (self.model_lock if retriever.rerank else contextlib.nullcontext()):  # re-ranking runs the model
-            results = retriever.search(list(questions), top_k, _scope(domain))
+            results = retriever.search(list(questions), top_k, _scope(domain), min_score)
         self.flush_notices()
         return [SearchResult(r) for r in results]
 

@@ -353,6 +353,8 @@ def _read_queries(path: str) -> list[str]:
 @click.option("--file", "-f", "path", metavar="FILE", help="JSONL of {\"query\": ...} objects (or -); one result a line.")
 @click.option("--top-k", "-k", type=click.IntRange(1, 1000), default=None, help="Pairs to return [config index.top_k].")
 @click.option("--domain", "-d", default=None, help="Search only this domain.")
+@click.option("--min-score", type=float, default=None,
+              help="Score the best match must reach to be called confident [config index.confident_threshold_no_rerank].")
 @click.option("--cache", "cache_path", type=click.Path(dir_okay=False), default=None,
               help="Retrieve from an exported knowledge_cache.pth instead of the store (the store is not opened).")
 @click.option("--generate", "-g", is_flag=True, help="Answer with the base model (speculative, lossless).")
@@ -366,11 +368,13 @@ def _read_queries(path: str) -> list[str]:
               help="With --generate: also decode plainly (greedy generate) and report the speedup and identity.")
 @json_option
 @click.pass_context
-def query(ctx, question, path, top_k, domain, cache_path, generate, max_new_tokens, draft_path, no_draft, draft_only,
-          vs_greedy, as_json) -> None:
+def query(ctx, question, path, top_k, domain, min_score, cache_path, generate, max_new_tokens, draft_path, no_draft,
+          draft_only, vs_greedy, as_json) -> None:
     """Find the pairs that best answer QUESTION (or each query of --file); --generate answers it."""
     if (question is None) == (path is None):
         raise click.UsageError("give a QUESTION or --file, not both")
+    if generate and min_score is not None:
+        raise click.UsageError("--min-score goes without --generate")
     if not generate and (max_new_tokens is not None or draft_path or no_draft or draft_only or vs_greedy):
         raise click.UsageError("--max-new-tokens, --draft, --no-draft, --draft-only and --vs-greedy go with "
                                "--generate")
@@ -381,14 +385,38 @@ def query(ctx, question, path, top_k, domain, cache_path, generate, max_new_toke
         _generate(ctx, queries, path is not None, top_k, _domain_arg(domain), max_new_tokens, draft_path, no_draft,
                   draft_only, cache_path, vs_greedy, as_json)
         return
-    results = _kb(ctx, cache=cache_path).query_many(queries, top_k, _domain_arg(domain))
-    for result in results:
-        if as_json:
-            emit_json(result.to_dict(), indent=None if path else 2)
-            continue
-        if path:
+    kb = _kb(ctx, cache=cache_path)
+    with _query_progress(len(queries) if path else 0) as bar:
+        for start in range(0, len(queries), QUERY_BATCH):
+            for result in kb.query_many(queries[start : start + QUERY_BATCH], top_k, _domain_arg(domain), min_score):
+                with bar.external_write_mode():
+                    _print_result(result, many=path is not None, as_json=as_json)
+                bar.update()
+
+
+# Questions of `kvdb query --file` embedded and searched together: large enough to batch the embedder, small enough
+# that the first lines come out at once.
+QUERY_BATCH = 32
+
+
+def _query_progress(total: int):
+    """A progress bar on stderr while a --file of questions is searched, only where stderr is a terminal (the results
+    on stdout are the same either way)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="query", desc="query", disable=total == 0 or not sys.stderr.isatty(), leave=False,
+                dynamic_ncols=True)
+
+
+def _print_result(result, many: bool, as_json: bool) -> None:
+    """One result, flushed at once so that a reader of a --file's output gets each line as soon as it is known."""
+    if as_json:
+        emit_json(result.to_dict(), indent=None if many else 2)
+    else:
+        if many:
             click.echo(f"? {result.query}")
         _print_matches(result)
+    sys.stdout.flush()
 
 
 def _print_matches(result, answer_lines: bool = True) -> None:

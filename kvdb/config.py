@@ -79,14 +79,26 @@ class BuildConfig:
 class IndexConfig:
     kind: str = "auto"  # flat | hnsw | ivf | auto
     top_k: int = 3
-    # Re-rank the best embedding candidates with the base model (query likelihood); see kvdb/rerank.py.
-    rerank: bool = True
+    # Fusion: a pair's score is its best-field cosine + lexical_weight * its lexical (BM25) score in [0, 1), over
+    # the fusion_candidates best of each list; 0 (or lexical: false) is dense retrieval alone. See kvdb/retrieve.py.
+    lexical: bool = True
+    lexical_weight: float = 0.3
+    fusion_candidates: int = 20
+    # Re-rank the best fused candidates with the base model (query likelihood; a forward pass of the base model per
+    # query, so opt-in); see kvdb/rerank.py.
+    rerank: bool = False
     rerank_candidates: int = 5
     rerank_weight: float = 0.5
-    # Score the best match must reach to be called confident: with rerank, cosine + weight * PMI; without, the
-    # cosine alone. Both calibrated by benchmarks/eval_retrieval.py (see README).
-    confident_threshold: float = 1.52
-    confident_threshold_no_rerank: float = 0.86
+    # Score the best match must reach to be called confident (`kvdb query --min-score` overrides it): with rerank,
+    # fused score + weight * PMI; without, the fused score. Calibrated by benchmarks/eval_retrieval.py (see README).
+    confident_threshold: float = 1.72
+    confident_threshold_no_rerank: float = 1.07
+
+    def __post_init__(self) -> None:
+        if self.lexical_weight < 0:
+            raise ConfigError(f"index.lexical_weight must be 0 or more, not {self.lexical_weight}")
+        if self.fusion_candidates < 1:
+            raise ConfigError(f"index.fusion_candidates must be at least 1, not {self.fusion_candidates}")
 
 
 @dataclass(frozen=True)

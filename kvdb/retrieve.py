@@ -1,4 +1,5 @@
-"""Find pairs by meaning: embed the query, search the FAISS index of the pairs' field embeddings, score per pair.
+"""Find pairs by meaning and by words: embed the query, search the FAISS index of the pairs' field embeddings, search
+the store's full-text index (kvdb.lexical), and fuse the two per pair.
 
 Each pair contributes several vectors (its question, its answer, its question variants if metadata has them), each
 under the FAISS id ``pair_id * SLOTS + slot``; a pair's score is its best field score. Indexing the answer as well
@@ -7,6 +8,11 @@ as the question is what finds paraphrases that share no words with the stored qu
 The index lives under ``KVDB_HOME/index/<embedder>/`` and records the store revision it covers; when the store has
 changed since (pairs added or removed, embeddings built), or the file is missing or corrupt, it is rebuilt from the
 embeddings table, which is the source of truth.
+
+Fusion is linear: a pair's score is its best-field cosine plus ``index.lexical_weight`` times its lexical score in
+[0, 1). Unlike reciprocal-rank fusion it keeps a scale that means the same for every query, so one threshold on the
+best score (``confident``) separates questions the store answers from the rest. The base-model re-rank
+(kvdb.rerank) is opt-in (``index.rerank``): it costs a forward pass of the base model per query.
 """
 
 from __future__ import annotations
@@ -175,7 +181,10 @@ class Retriever:
         return index
 
     # -- search ---------------------------------------------------------------------------------------------------
-    def search(self, queries: list[str], k: int | None = None, domain: str | None = None) -> list[QueryResult]:
+    def search(self, queries: list[str], k: int | None = None, domain: str | None = None,
+               min_score: float | None = None) -> list[QueryResult]:
+        """The ``k`` best pairs per query by fused score; ``confident`` when the best reaches ``min_score`` (default:
+        the configured threshold of the path taken)."""
         k = k or self.config.index.top_k
         if k < 1 or k > 1000:
             raise ValidationError(f"--top-k must be between 1 and 1000, got {k}")
@@ -191,23 +200,65 @@ class Retriever:
             allowed = ids[np.isin(ids // SLOTS, self._domain_pair_ids(domain))]
         vectors = self.embedder().embed(queries)
         depth = max(k, self.config.index.rerank_candidates) if self.rerank else k
-        hits = index.search(vectors, depth * 8 + 16, allowed_ids=allowed)
-        ranked = [best_per_pair(h, depth) for h in hits]
-        rows = self._pairs({pid for r in ranked for pid, _ in r})
+        fused = self._fused(index, queries, vectors, max(depth, self.config.index.fusion_candidates), allowed, domain)
+        rows = self._pairs({pid for r in fused for pid, _ in r})
+        if min_score is None:
+            min_score = self.config.index.confident_threshold if self.rerank else \
+                self.config.index.confident_threshold_no_rerank
         results = []
-        for query, top in zip(queries, ranked):
-            matches = [replace(rows[pid], score=float(score)) for pid, score in top if pid in rows]
+        for query, top in zip(queries, fused):
+            matches = [replace(rows[pid], score=float(score)) for pid, score in top[:depth] if pid in rows]
             if self.rerank and len(matches) > 0:
                 matches = self._rerank(query, matches)
-                threshold = self.config.index.confident_threshold
-            else:
-                threshold = self.config.index.confident_threshold_no_rerank
             matches = matches[:k]
-            results.append(QueryResult(query, bool(matches) and matches[0].score >= threshold, matches))
+            results.append(QueryResult(query, bool(matches) and matches[0].score >= min_score, matches))
         return results
 
+    def dense(self, index: VectorIndex, vectors: np.ndarray, depth: int,
+              allowed: np.ndarray | None) -> list[dict[int, float]]:
+        """Per query, the ``depth`` best pairs by cosine (a pair scoring its best field)."""
+        hits = index.search(vectors, depth * 8 + 16, allowed_ids=allowed)
+        return [dict(best_per_pair(h, depth)) for h in hits]
+
+    def lexical(self, queries: list[str], depth: int, domain: str | None) -> list[dict[int, float]]:
+        """Per query, the ``depth`` best pairs by lexical score in [0, 1); empty where there is no store to search
+        (a cache file) or lexical search is off."""
+        if self.store is None or not self.config.index.lexical:
+            return [{} for _ in queries]
+        from kvdb import lexical
+
+        with self.store.read() as session:
+            did = domain_id(session, domain) if domain is not None else None
+            return [dict(lexical.search(session, q, depth, did)) for q in queries]
+
+    def _fused(self, index: VectorIndex, queries: list[str], vectors: np.ndarray, depth: int,
+               allowed: np.ndarray | None, domain: str | None) -> list[list[tuple[int, float]]]:
+        """Per query, (pair id, cosine + lexical_weight * lexical score) best first, over the union of both lists.
+
+        A pair found only lexically gets its exact cosine from the index, so every candidate is scored the same way
+        and the fused score stays comparable across queries (which is what the confident threshold needs)."""
+        weight = self.config.index.lexical_weight
+        dense = self.dense(index, vectors, depth, allowed)
+        lexical = self.lexical(queries, depth, domain) if weight > 0 else [{} for _ in queries]
+        out = []
+        for i, (cos, lex) in enumerate(zip(dense, lexical)):
+            missing = [pid for pid in lex if pid not in cos]
+            if missing:
+                cos = {**cos, **self._cosines(index, vectors[i : i + 1], missing)}
+            scores = {pid: c + weight * lex.get(pid, 0.0) for pid, c in cos.items()}
+            out.append(sorted(scores.items(), key=lambda kv: -kv[1])[:depth])
+        return out
+
+    def _cosines(self, index: VectorIndex, vector: np.ndarray, pids: list[int]) -> dict[int, float]:
+        """The exact best-field cosine of each of ``pids`` that has an embedding (an exact scan of their fields)."""
+        if not pids:
+            return {}
+        fields = (np.asarray(pids, dtype=np.int64)[:, None] * SLOTS + np.arange(SLOTS)).ravel()
+        (hits,) = index.search(vector, len(fields), allowed_ids=fields)  # the index keeps the ids it holds
+        return dict(best_per_pair(hits, len(pids)))
+
     def _rerank(self, query: str, matches: list[Match]) -> list[Match]:
-        """Candidates re-scored as cosine + weight * PMI(question; answer) under the base model."""
+        """Candidates re-scored as fused score + weight * PMI(question; answer) under the base model."""
         conditional, null = self.reranker().score(query, [m.answer for m in matches])
         weight = self.config.index.rerank_weight
         for m, c in zip(matches, conditional):

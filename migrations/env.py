@@ -3,6 +3,7 @@
 from alembic import context
 from sqlalchemy import create_engine
 
+from kvdb.lexical import in_orm_schema
 from kvdb.store.models import Base
 
 config = context.config
@@ -15,6 +16,7 @@ def _configure(connection) -> None:
         target_metadata=target_metadata,
         render_as_batch=connection.dialect.name == "sqlite",  # SQLite alters tables by copy-and-move
         compare_type=True,
+        include_name=in_orm_schema,  # the full-text table and index are kvdb.lexical's, outside the models
     )
     with context.begin_transaction():
         context.run_migrations()

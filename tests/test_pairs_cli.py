@@ -7,6 +7,7 @@ import json
 import pytest
 
 from kvdb.store.pairs import normalise, pair_hash
+from kvdb.store.db import SCHEMA_HEAD
 from tests.conftest import Kvdb, write_jsonl
 
 WEIRD = [
@@ -126,7 +127,7 @@ def test_domains_and_stats(kv: Kvdb):
     kv("add", "-d", "math", "-q", "q3?", "-a", "a3.")
     assert [(d["name"], d["count"]) for d in kv.json("domains")] == [("cs", 2), ("math", 1)]
     stats = kv.json("stats")
-    assert stats["pairs"] == 3 and stats["domains"] == 2 and stats["schema_revision"] == "0003"
+    assert stats["pairs"] == 3 and stats["domains"] == 2 and stats["schema_revision"] == SCHEMA_HEAD
     assert stats["store_revision"] == 3
     assert "pairs:      3 in 2 domain(s)" in kv("stats").stdout
     assert len(kv.json("list", "--domain", "cs")) == 2

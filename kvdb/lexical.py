@@ -1,0 +1,116 @@
+"""Lexical search where the pairs live: SQLite FTS5 (BM25) or PostgreSQL full-text search over each pair's question,
+answer and ``metadata.variants``.
+
+Dense embeddings miss a query that shares rare words (a name, a code, a number) with a stored pair but little
+meaning in the embedder's eyes; BM25 finds exactly those. kvdb.retrieve fuses the two lists. Both backends answer
+with a score in [0, 1) that rises with the match: BM25 saturated as ``b / (b + K)`` on SQLite, ``ts_rank_cd``
+with its own ``rank / (rank + 1)`` normalisation on PostgreSQL (so the two are not on one scale: thresholds are
+calibrated on SQLite).
+
+The SQLite table is written only by triggers on ``pairs`` (migration 0004), so it changes in the same transaction
+as the pairs, whatever wrote them.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+log = logging.getLogger(__name__)
+
+FTS_TABLE = "pairs_fts"
+PG_INDEX = "ix_pairs_fulltext"
+
+# The text of a pair's variants: the JSON array's strings joined by spaces (a string variant counts as one).
+_SQLITE_VARIANTS = "(SELECT group_concat(value, ' ') FROM json_each({row}.metadata, '$.variants'))"
+_SQLITE_INSERT = (f"INSERT INTO {FTS_TABLE}(rowid, question, answer, variants) "
+                  f"VALUES ({{row}}.id, {{row}}.question, {{row}}.answer, {_SQLITE_VARIANTS});")
+
+SQLITE_SCHEMA = [
+    f"CREATE VIRTUAL TABLE {FTS_TABLE} USING fts5(question, answer, variants, "
+    "tokenize = 'porter unicode61 remove_diacritics 2')",
+    f"CREATE TRIGGER pairs_fts_insert AFTER INSERT ON pairs BEGIN {_SQLITE_INSERT.format(row='new')} END",
+    f"CREATE TRIGGER pairs_fts_delete AFTER DELETE ON pairs BEGIN DELETE FROM {FTS_TABLE} WHERE rowid = old.id; END",
+    f"CREATE TRIGGER pairs_fts_update AFTER UPDATE ON pairs BEGIN DELETE FROM {FTS_TABLE} WHERE rowid = old.id; "
+    f"{_SQLITE_INSERT.format(row='new')} END",
+]
+SQLITE_FILL = (f"INSERT INTO {FTS_TABLE}(rowid, question, answer, variants) "
+               f"SELECT p.id, p.question, p.answer, {_SQLITE_VARIANTS.format(row='p')} FROM pairs p")
+SQLITE_DROP = ["DROP TRIGGER IF EXISTS pairs_fts_insert", "DROP TRIGGER IF EXISTS pairs_fts_delete",
+               "DROP TRIGGER IF EXISTS pairs_fts_update", f"DROP TABLE IF EXISTS {FTS_TABLE}"]
+
+# Question and variants count double: they are phrased like queries, the answer is longer and looser.
+_BM25 = f"bm25({FTS_TABLE}, 2.0, 1.0, 2.0)"
+# The BM25 at which the lexical score is one half: about two rare query words found in a question.
+BM25_HALF = 8.0
+
+_PG_DOCUMENT = ("to_tsvector('english'::regconfig, question || ' ' || answer || ' ' || "
+                "coalesce(metadata ->> 'variants', ''))")
+PG_INDEX_SQL = f"CREATE INDEX IF NOT EXISTS {PG_INDEX} ON pairs USING gin ({_PG_DOCUMENT})"
+
+
+
+def in_orm_schema(name: str | None, type_: str, parent_names: dict) -> bool:
+    """Alembic's ``include_name`` hook: the full-text table (and FTS5's shadow tables) and index are this module's,
+    not the ORM's, so comparing the models with the database leaves them out."""
+    if type_ == "table" and name is not None and name.startswith(FTS_TABLE):
+        return False
+    return not (type_ == "index" and name == PG_INDEX)
+
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+# Words that match most questions and say nothing about which pair is meant.
+STOPWORDS = frozenset("""
+a about an and are as at be been but by can could did do does doing for from had has have how i if in into is it
+its me my no not of on or our should so such than that the their them then there these they this those to was we
+were what when where which while who whom why will with would you your
+""".split())
+
+
+def terms(query: str) -> list[str]:
+    """The query's searchable words: lower case, stop words and one-letter words dropped, each once, in order."""
+    seen: dict[str, None] = {}
+    for word in _WORD.findall(query.casefold()):
+        if len(word) > 1 and word not in STOPWORDS:
+            seen.setdefault(word, None)
+    return list(seen)
+
+
+def fts_query(words: list[str]) -> str:
+    """An FTS5 query matching any of ``words`` (each quoted, so no word is read as an operator)."""
+    return " OR ".join('"' + w.replace('"', '""') + '"' for w in words)
+
+
+def search(session: Session, query: str, k: int, domain_id: int | None = None) -> list[tuple[int, float]]:
+    """Up to ``k`` (pair id, lexical score in [0, 1)) for ``query``, best first; [] when no word of it is stored."""
+    words = terms(query)
+    if not words:
+        return []
+    if session.get_bind().dialect.name == "sqlite":
+        return _search_sqlite(session, words, k, domain_id)
+    return _search_postgres(session, words, k, domain_id)
+
+
+def _search_sqlite(session: Session, words: list[str], k: int, domain_id: int | None) -> list[tuple[int, float]]:
+    where = " AND pairs.domain_id = :domain" if domain_id is not None else ""
+    join = f" JOIN pairs ON pairs.id = {FTS_TABLE}.rowid" if domain_id is not None else ""
+    rows = session.execute(
+        text(f"SELECT {FTS_TABLE}.rowid, -{_BM25} FROM {FTS_TABLE}{join} WHERE {FTS_TABLE} MATCH :q{where} "
+             f"ORDER BY {_BM25} LIMIT :k"),
+        {"q": fts_query(words), "k": k, "domain": domain_id},
+    ).all()
+    return [(int(pid), float(b) / (float(b) + BM25_HALF)) for pid, b in rows if b > 0]
+
+
+def _search_postgres(session: Session, words: list[str], k: int, domain_id: int | None) -> list[tuple[int, float]]:
+    where = " AND domain_id = :domain" if domain_id is not None else ""
+    # to_tsquery reads & | ! ( ) : * as operators: the words are \w+ runs, so none can appear in them.
+    rows = session.execute(
+        text(f"SELECT id, ts_rank_cd({_PG_DOCUMENT}, q, 32) AS s FROM pairs, "
+             f"to_tsquery('english'::regconfig, :q) AS q WHERE {_PG_DOCUMENT} @@ q{where} ORDER BY s DESC LIMIT :k"),
+        {"q": " | ".join(words), "k": k, "domain": domain_id},
+    ).all()
+    return [(int(pid), float(s)) for pid, s in rows]
