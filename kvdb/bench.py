@@ -344,17 +344,20 @@ def plot(report: dict[str, Any], path: str | Path) -> Path:
 
     methods = report["methods"]
     workloads = [w for w in WORKLOADS if any(s["workload"] == w for s in report["summary"])]
+    # Against llama.cpp greedy where it ran (the baseline a CPU user has), else against transformers greedy.
+    llama = any(s.get("speedup_llamacpp_median") is not None for s in report["summary"])
+    key, baseline = ("speedup_llamacpp_median", "llama.cpp greedy") if llama else ("speedup_median", "greedy")
     width = 0.8 / max(1, len(methods))
     fig, ax = plt.subplots(figsize=(8, 4))
     for i, method in enumerate(methods):
-        values = [next((s["speedup_median"] for s in report["summary"]
+        values = [next((s[key] for s in report["summary"]
                         if s["workload"] == w and s["method"] == method), 0.0) for w in workloads]
         bars = ax.bar([x + (i - (len(methods) - 1) / 2) * width for x in range(len(workloads))], values, width,
                       label=method)
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
     ax.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
     ax.set_xticks(range(len(workloads)), workloads)
-    ax.set_ylabel("speedup over greedy (median)")
+    ax.set_ylabel(f"speedup over {baseline} (median)")
     ax.set_title(f"{report['model']} on {report['device']} {report['dtype']}, {report['max_new_tokens']} new tokens")
     ax.legend(fontsize=8)
     fig.tight_layout()
