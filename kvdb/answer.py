@@ -219,7 +219,7 @@ class Answerer:
         generated = speculative_generate(engine, ids, max_new_tokens, self.lm.eos_ids, sources, self.policy(engine),
                                          on_tokens=on_tokens, reuse=self.reuse(engine, query, result, ids))
         self.notices += generated.stats["notices"]
-        if record and not any(isinstance(s, ExactAnswerSource) for s in sources):
+        if record and self._worth_recording(sources, generated.output_ids):
             try:
                 # An answer to a rephrasing that retrieval is sure of is the model's wording about that pair:
                 # later rephrasings copy from it, as from training's answers to the pair's variants.
@@ -230,6 +230,17 @@ class Answerer:
                 self.notices.append(f"answer not recorded: {exc}")
         return Answer(result, self.lm.decode(generated.output_ids), ids, generated.output_ids, generated.stats,
                       self.draft_name if learned else None, max_new_tokens=max_new_tokens)
+
+    @staticmethod
+    def _worth_recording(sources: list, output: list[int]) -> bool:
+        """Whether to keep ``output`` as the recorded answer to its prompt: when there was none, or when the one it
+        was verified against parts from it (recorded by another engine, whose greedy answer can differ in the last
+        bits; the next ask on this engine is then verified in one pass)."""
+        exact = next((s for s in sources if isinstance(s, ExactAnswerSource)), None)
+        if exact is None:
+            return True
+        n = min(len(exact.answer_ids), len(output))
+        return exact.answer_ids[:n] != output[:n]
 
     def answer_draft_only(self, query: str, max_new_tokens: int | None = None, top_k: int | None = None,
                           domain: str | None = None,

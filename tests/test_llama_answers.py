@@ -84,3 +84,21 @@ def test_bench_runs_the_llama_cpp_methods_against_llama_cpp_greedy(built: Kvdb, 
     assert all(r["speedup_llamacpp"] == 1.0 and r["engine"] == "llama_cpp" for r in llama)
     assert "| stored | kvdb_llamacpp |" in built("bench", "--questions", str(questions), "-n", "4", "--methods",
                                                  "kvdb_llamacpp").stdout
+
+
+def test_a_recording_from_another_engine_is_replaced_by_this_engines_answer(built: Kvdb, lm):
+    from kvdb.recorded import AnswerBook, AnswerRequest
+    from kvdb.runtime import Runtime
+
+    question = "How do rainbows form?"
+    first = built.json("query", "--generate", question)
+    rt = Runtime.open(built.home, built.config)
+    wrong = first["output_ids"][:3] + [t + 1 for t in first["output_ids"][3:]]  # parts after 3 tokens
+    AnswerBook(rt, lm, 16).record([AnswerRequest(prompt=first["prompt_ids"], output=wrong)])
+    rest = len(first["output_ids"]) - 1  # the tokens after the one the prefill gives
+    again = built.json("query", "--generate", question)  # verified against the wrong recording: still exact
+    assert again["output_ids"] == first["output_ids"] and again["stats"]["sources"]["exact"]["accepted"] == 2
+    third = built.json("query", "--generate", question)  # the recording is now this engine's own answer
+    exact = third["stats"]["sources"]["exact"]
+    assert third["output_ids"] == first["output_ids"]
+    assert exact["drafted"] == exact["accepted"] >= rest - third["stats"]["verify_steps"]  # nothing rejected
