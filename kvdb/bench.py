@@ -203,7 +203,8 @@ def _plans(answerer, methods: list[str], max_new_tokens: int, depth: int, book, 
         return plans
     try:
         llama = answerer.engine_for("llama_cpp")
-        lookup = _llama_prompt_lookup(llama, max_new_tokens, eos)
+        # llama.cpp's prompt lookup loads a second copy of the model: only when it is asked for.
+        lookup = _llama_prompt_lookup(llama, max_new_tokens, eos) if "llamacpp_prompt_lookup" in methods else None
     except (KvdbError, ImportError) as exc:
         notices.append(f"llama.cpp methods skipped: {exc}")
         methods[:] = [m for m in methods if m not in LLAMACPP_METHODS]
