@@ -136,8 +136,11 @@ def index_pair_ids(home: Path) -> tuple[dict, set[int]] | None:
 def store_view(home: Path) -> tuple[int, set[int]]:
     """(store revision, ids of pairs that have an embedding)."""
     with db(home) as conn:
-        rev = conn.execute("select value from store_state where key = 'revision'").fetchone()
-        ids = {r[0] for r in conn.execute("select p.id from pairs p join embeddings e on e.pair_hash = p.hash")}
+        try:
+            rev = conn.execute("select value from store_state where key = 'revision'").fetchone()
+            ids = {r[0] for r in conn.execute("select p.id from pairs p join embeddings e on e.pair_hash = p.hash")}
+        except sqlite3.OperationalError:  # a kill before the schema was created: the file exists, the tables do not
+            return 0, set()
     return (rev[0] if rev else 0), ids
 
 
