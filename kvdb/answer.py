@@ -25,6 +25,7 @@ from kvdb.passcost import PassPlan
 from kvdb.policy import DraftPolicy
 from kvdb.prompt import Reference, prefix_boundaries, prompt_ids
 from kvdb.recorded import AnswerBook, AnswerRequest
+from kvdb.replay import ReplayBook, engine_key, replay
 from kvdb.retrieve import QueryResult, Retriever
 from kvdb.runtime import Runtime
 from kvdb.sources import COPY_PRIORS, UNSURE_COPY_PRIORS, CopySource, ExactAnswerSource
@@ -108,6 +109,11 @@ class StoreKnowledge:
     def answer_book(self, max_new_tokens: int):
         """Where answers to exact prompts are looked up and recorded."""
         return AnswerBook(self.rt, self.lm, max_new_tokens, replace_stored=False)
+
+    def replay_book(self, engine: Engine) -> ReplayBook | None:
+        """Where ``engine``'s whole answers are replayed from; None where its answers may not be (kvdb.replay)."""
+        key = engine_key(engine)
+        return ReplayBook(self.rt.store, key) if key is not None else None
 
 
 class Answerer:
@@ -212,24 +218,41 @@ class Answerer:
     def answer(self, query: str, max_new_tokens: int | None = None, top_k: int | None = None,
                domain: str | None = None, on_tokens: Callable[[list[int]], None] | None = None,
                record: bool = True, learned: bool = True) -> Answer:
+        """Retrieve, build the prompt and answer it: this engine's own earlier answer to the very same prompt where
+        it may be replayed (kvdb.replay), else speculative decoding; the answer is recorded (``record``)."""
         result, ids, max_new_tokens = self.prepare(query, max_new_tokens, top_k, domain)
-        book = self.knowledge.answer_book(max_new_tokens)
-        sources = self.sources(ids, result, query, book, learned)
         engine = self.engine
-        generated = speculative_generate(engine, ids, max_new_tokens, self.lm.eos_ids, sources, self.policy(engine),
-                                         on_tokens=on_tokens, reuse=self.reuse(engine, query, result, ids))
-        self.notices += generated.stats["notices"]
-        if record and self._worth_recording(sources, generated.output_ids):
-            try:
+        replays = self.knowledge.replay_book(engine)
+        generated = replay(replays, engine.name, ids, max_new_tokens) if replays is not None else None
+        if generated is not None:
+            if on_tokens is not None:
+                on_tokens(list(generated.output_ids))
+        else:
+            book = self.knowledge.answer_book(max_new_tokens)
+            sources = self.sources(ids, result, query, book, learned)
+            generated = speculative_generate(engine, ids, max_new_tokens, self.lm.eos_ids, sources,
+                                             self.policy(engine), on_tokens=on_tokens,
+                                             reuse=self.reuse(engine, query, result, ids))
+            self.notices += generated.stats["notices"]
+            if record:
+                self._record(book, replays, sources, result, query, ids, generated.output_ids, max_new_tokens)
+        return Answer(result, self.lm.decode(generated.output_ids), ids, generated.output_ids, generated.stats,
+                      self.draft_name if learned else None, max_new_tokens=max_new_tokens)
+
+    def _record(self, book, replays: ReplayBook | None, sources: list, result: QueryResult, query: str,
+                ids: list[int], output: list[int], max_new_tokens: int) -> None:
+        """Keep a decoded answer: for replay on this engine, and as the recorded answer every engine drafts from."""
+        try:
+            if replays is not None:
+                replays.record(ids, output, max_new_tokens, self.lm.eos_ids)
+            if self._worth_recording(sources, output):
                 # An answer to a rephrasing that retrieval is sure of is the model's wording about that pair:
                 # later rephrasings copy from it, as from training's answers to the pair's variants.
                 about = result.matches[0].hash if result.confident and result.matches else None
-                book.record([AnswerRequest(prompt=ids, pair_hash=self._own_pair(result, query),
-                                           output=generated.output_ids, about=about)])
-            except KvdbError as exc:
-                self.notices.append(f"answer not recorded: {exc}")
-        return Answer(result, self.lm.decode(generated.output_ids), ids, generated.output_ids, generated.stats,
-                      self.draft_name if learned else None, max_new_tokens=max_new_tokens)
+                book.record([AnswerRequest(prompt=ids, pair_hash=self._own_pair(result, query), output=output,
+                                           about=about)])
+        except KvdbError as exc:
+            self.notices.append(f"answer not recorded: {exc}")
 
     @staticmethod
     def _worth_recording(sources: list, output: list[int]) -> bool:

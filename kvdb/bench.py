@@ -10,10 +10,13 @@ Methods (all greedy, so every output should equal its engine's baseline):
   llamacpp_greedy         llama.cpp on the same GGUF: the prompt in one pass, then one token per pass (the baseline
                           a CPU user has)
   llamacpp_prompt_lookup  llama.cpp's own prompt-lookup speculation (LlamaPromptLookupDecoding, 10 tokens)
-  kvdb_llamacpp           kvdb on llama.cpp, with prefix-state reuse: the states of the prompt's recurring prefixes
-                          (instruction, top pair's reference block, system turn) are restored, as after earlier
-                          questions; a stored question's whole prompt too, as after an earlier ask of it
-  kvdb_llamacpp_nostates  kvdb on llama.cpp, every prompt prefilled from scratch
+  kvdb_llamacpp           kvdb on llama.cpp as `kvdb query --generate` answers: the engine's own recorded answer to
+                          the very prompt where there is one (kvdb.replay; `kvdb train` records every stored
+                          question's), else decoding with prefix-state reuse: the states of the prompt's recurring
+                          prefixes (instruction, top pair's reference block, system turn) are restored, as after
+                          earlier questions; a stored question's whole prompt too, as after an earlier ask of it
+  kvdb_llamacpp_nostates  kvdb on llama.cpp decoding every answer, every prompt prefilled from scratch (no replay,
+                          no states)
 The llama.cpp methods need llama-cpp-python and a GGUF model source; elsewhere they are skipped with a notice.
 Workloads: stored questions asked verbatim, paraphrased questions (never trained on), questions the store cannot
 answer. The prompt of a question is built once (retrieval + chat template) and given to every method; nothing is
@@ -152,7 +155,7 @@ def _llama_prompt_lookup(engine, max_new_tokens: int, eos_ids: Sequence[int]) ->
     from llama_cpp import Llama
     from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
-    from kvdb.decode import GenerationResult, _stats
+    from kvdb.decode import GenerationResult, result_stats
 
     llama = Llama(model_path=str(engine.path), n_ctx=engine.max_positions, n_threads=engine.n_threads,
                   n_threads_batch=engine.n_threads, n_batch=engine.n_batch, verbose=False,
@@ -170,7 +173,7 @@ def _llama_prompt_lookup(engine, max_new_tokens: int, eos_ids: Sequence[int]) ->
             if tok in eos or len(out) >= max_new_tokens:
                 break
         seconds = time.perf_counter() - t0
-        return GenerationResult(out, _stats("llama_cpp", seconds, ttft or seconds, len(out), 0, 0, 0, {}))
+        return GenerationResult(out, result_stats("llama_cpp", seconds, ttft or seconds, len(out), 0, 0, 0, {}))
 
     return run
 
@@ -181,6 +184,7 @@ def _plans(answerer, methods: list[str], max_new_tokens: int, depth: int, book, 
     from kvdb.decode import greedy_generate, speculative_generate
     from kvdb.errors import KvdbError
     from kvdb.prompt import Reference, prefix_boundaries
+    from kvdb.replay import replay
 
     lm = answerer.lm
     eos = lm.eos_ids
@@ -214,11 +218,18 @@ def _plans(answerer, methods: list[str], max_new_tokens: int, depth: int, book, 
         refs = [Reference(m.question, m.answer) for m in result.matches]
         return _seeded_reuse(llama, ids, prefix_boundaries(lm, query, refs, ids), whole=wl == "stored")
 
+    replays = answerer.knowledge.replay_book(llama)
+
+    def kvdb_llamacpp(ids, result, query, wl):
+        """As `kvdb query --generate` answers: this engine's recorded answer to the very prompt if there is one
+        (recorded by `kvdb train` for stored questions; never by the benchmark itself), else decoding."""
+        found = replay(replays, llama.name, ids, max_new_tokens) if replays is not None else None
+        return found or kvdb(llama, ids, result, query, True, seeded(ids, result, query, wl))
+
     plans.update({
         "llamacpp_greedy": lambda ids, result, query, wl: greedy_generate(llama, ids, max_new_tokens, eos),
         "llamacpp_prompt_lookup": lambda ids, result, query, wl: lookup(ids),
-        "kvdb_llamacpp": lambda ids, result, query, wl: kvdb(llama, ids, result, query, True,
-                                                             seeded(ids, result, query, wl)),
+        "kvdb_llamacpp": kvdb_llamacpp,
         "kvdb_llamacpp_nostates": lambda ids, result, query, wl: kvdb(llama, ids, result, query, True),
     })
     return plans

@@ -269,18 +269,33 @@ def _domain_arg(domain: str | None) -> str | None:
 @click.option("--domain", "-d", default="all", show_default=True, help="Build only this domain ('all' for every one).")
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=None, help="Pairs per forward pass [config].")
 @click.option("--rebuild", is_flag=True, help="Recompute vectors and embeddings even where they exist.")
+@click.option("--states", is_flag=True,
+              help="Then answer every stored question once on the answering engine: recorded for exact replay where "
+                   "the engine allows it, prefix states saved (what `kvdb train` does after training).")
 @json_option
 @click.pass_context
-def build(ctx, domain, batch_size, rebuild, as_json) -> None:
+def build(ctx, domain, batch_size, rebuild, states, as_json) -> None:
     """Prefill pairs that lack vectors for the current model; embed them for retrieval; refresh the index."""
     rt = _rt(ctx)
+    result = _build(rt, _domain_arg(domain), batch_size, rebuild, as_json)
+    if result is None:
+        return  # a torchrun rank other than 0: rank 0 reports
+    if states:
+        from kvdb.warm import warm_answers
+
+        result["warmed"] = warm_answers(rt, domain=_domain_arg(domain), progress=_show_progress(as_json))
+    _print_build(result, as_json)
+
+
+def _build(rt: Runtime, domain: str | None, batch_size: int | None, rebuild: bool,
+           as_json: bool) -> dict[str, Any] | None:
+    """Build (on every torchrun rank); the report, on rank 0 alone."""
     if not rebuild and os.environ.get("WORLD_SIZE", "1") == "1":
         from kvdb.uptodate import nothing_to_build
 
-        result = nothing_to_build(rt, _domain_arg(domain))  # store queries only: torch is not even imported
+        result = nothing_to_build(rt, domain)  # store queries only: torch is not even imported
         if result is not None:
-            _print_build(result, as_json)
-            return
+            return result
     from kvdb import distributed
     from kvdb.build import Builder
     from kvdb.retrieve import Retriever
@@ -290,14 +305,14 @@ def build(ctx, domain, batch_size, rebuild, as_json) -> None:
         with distributed.main_first():  # under torchrun: rank 0 converts and hashes the models, the others reuse
             builder = Builder(rt.config, rt.home, rt.store)
             _materialise(rt, me)
-        report = builder.run(domain=_domain_arg(domain), batch_size=batch_size, rebuild=rebuild,
+        report = builder.run(domain=domain, batch_size=batch_size, rebuild=rebuild,
                              progress=_show_progress(as_json), shard=(me.rank, me.world))
         if not me.is_main:
-            return  # rank 0 alone rebuilds the index and reports, for every rank (the report is their sum)
+            return None  # rank 0 alone rebuilds the index and reports, for every rank (the report is their sum)
         retriever = Retriever(rt.config, rt.home, rt.store, embedder=builder._embedder,
                               model_fingerprint=builder.model_ref.fingerprint)
         index = retriever.index()
-    _print_build({**report.as_dict(), "indexed_pairs": index.meta.get("pairs", 0)}, as_json)
+    return {**report.as_dict(), "indexed_pairs": index.meta.get("pairs", 0)}
 
 
 def _print_build(result: dict[str, Any], as_json: bool) -> None:
@@ -311,6 +326,16 @@ def _print_build(result: dict[str, Any], as_json: bool) -> None:
     click.echo(f"built {result['built']}, skipped {result['skipped']} already built, failed {result['failed']}"
                f" ({result['tokens']} tokens in {result['seconds']:.1f}s{rate}{ranks}); index covers "
                f"{result['indexed_pairs']} pairs")
+    if result.get("warmed"):
+        click.echo(_warmed_line(result["warmed"]))
+
+
+def _warmed_line(warmed: dict[str, Any]) -> str:
+    """One line on kvdb.warm's report (build --states, train)."""
+    if "skipped" in warmed:
+        return f"stored questions: {warmed['skipped']}"
+    return (f"stored questions on {warmed['engine']}: answered {warmed['answered']}, already recorded "
+            f"{warmed['replayed']}, failed {warmed['failed']} ({warmed['seconds']:.1f}s)")
 
 
 def _materialise(rt: Runtime, me) -> None:
@@ -654,6 +679,8 @@ def _train_summary(r: dict[str, Any]) -> str:
     best = (r.get("best") or {}).get("path")
     if best:
         lines.append(f"best checkpoint: {best}")
+    if r.get("warmed"):
+        lines.append(_warmed_line(r["warmed"]))
     for key, label in (("log", "log"), ("plot", "plot")):
         if r.get(key):
             lines.append(f"{label}: {r[key]}")

@@ -140,6 +140,10 @@ class TrainingConfig:
     # pair (variants share their pair's references); false: embedding search only (the draft reads whichever
     # pairs it is given, but verbatim questions then miss their recording until asked once).
     rerank_references: bool = True
+    # After training, answer every stored question once on the answering engine (model.engine): an engine whose
+    # answers replay exactly (llama.cpp's exact build) records them, so a stored question asked verbatim costs no
+    # model pass, and the prompts' prefix states are saved (kvdb.warm). Costs one answer per stored question.
+    warm_answers: bool = True
 
 
 @dataclass(frozen=True)

@@ -238,7 +238,7 @@ def speculative_generate(engine, prompt_ids: list[int], max_new_tokens: int, eos
     finally:
         if layers:
             engine.tap(())
-    stats = _stats(engine.name, seconds, ttft, len(state.output), tally.steps, tally.drafted, tally.accepted,
+    stats = result_stats(engine.name, seconds, ttft, len(state.output), tally.steps, tally.drafted, tally.accepted,
                    tally.per_source)
     stats["notices"] = state.notices
     return GenerationResult(list(state.output), stats)
@@ -296,13 +296,14 @@ def _emit(tokens: list[int], on_tokens: Callable[[list[int]], None] | None) -> N
         on_tokens(list(tokens))
 
 
-def _stats(engine: str | None, seconds: float, ttft: float, new_tokens: int, steps: int, drafted: int,
-           accepted: int, per_source: dict[str, dict[str, int]]) -> dict[str, Any]:
+def result_stats(engine: str | None, seconds: float, ttft: float, new_tokens: int, steps: int, drafted: int,
+                 accepted: int, per_source: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """The stats of one answer (the ``stats`` object of `--generate --json`); ``replayed`` is set by kvdb.replay."""
     return {"seconds": round(seconds, 6), "new_tokens": new_tokens, "verify_steps": steps, "drafted": drafted,
             "accepted": accepted, "engine": engine, "time_to_first_token": round(ttft, 6),
             "tokens_per_second": round(new_tokens / seconds, 3) if seconds > 0 else 0.0,
             "accepted_per_step": round(accepted / steps, 3) if steps else 0.0, "sources": per_source,
-            "notices": []}
+            "replayed": False, "notices": []}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -359,7 +360,7 @@ def greedy_generate(model, prompt_ids: list[int], max_new_tokens: int, eos_ids: 
     seconds = time.perf_counter() - t0
     ttft = (clock.first_at - t0) if clock.first_at is not None else seconds
     steps = 0 if generate_kwargs else max(len(new) - 1, 0)  # plain greedy: one pass per token after the prefill
-    return GenerationResult(new, _stats("transformers", seconds, ttft, len(new), steps, 0, 0, {}))
+    return GenerationResult(new, result_stats("transformers", seconds, ttft, len(new), steps, 0, 0, {}))
 
 
 def _engine_greedy(engine: Engine, prompt_ids: list[int], max_new_tokens: int,
@@ -372,7 +373,7 @@ def _engine_greedy(engine: Engine, prompt_ids: list[int], max_new_tokens: int,
     while len(out) < max_new_tokens and out[-1] not in eos:
         out.append(engine.verify([out[-1]])[0])
     seconds = time.perf_counter() - t0
-    return GenerationResult(out, _stats(engine.name, seconds, ttft, len(out), len(out) - 1, 0, 0, {}))
+    return GenerationResult(out, result_stats(engine.name, seconds, ttft, len(out), len(out) - 1, 0, 0, {}))
 
 
 @torch.inference_mode()
@@ -402,7 +403,7 @@ def draft_only_generate(source: DraftSource, prompt_ids: list[int], max_new_toke
         if tokens[-1] in eos:
             break
     seconds = time.perf_counter() - t0
-    stats = _stats(None, seconds, ttft or seconds, len(output), 0, len(output), 0, {})
+    stats = result_stats(None, seconds, ttft or seconds, len(output), 0, len(output), 0, {})
     stats["draft_calls"] = steps
     return GenerationResult(output, stats)
 

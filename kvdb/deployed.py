@@ -107,6 +107,10 @@ class CacheKnowledge:
     def answer_book(self, max_new_tokens: int) -> "CacheAnswers":
         return CacheAnswers(self, max_new_tokens)
 
+    def replay_book(self, engine) -> None:
+        """A deployment replays nothing: engine answers live in a store, not in the cache file."""
+        return None
+
 
 class CacheAnswers:
     """The cache's recorded answers as an answer book: looked up by pair and exact prompt; a deployment records

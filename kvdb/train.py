@@ -382,6 +382,10 @@ def train(runtime, epochs: int | None = None, batch_size: int | None = None, lr:
         "seconds_states": round(t_states - t_data, 2),
         "seconds": round(time.perf_counter() - t_start, 2),
     })
+    if tcfg.warm_answers and cache is None and me.is_main:
+        from kvdb.warm import warm_answers
+
+        result["warmed"] = warm_answers(runtime, lm, progress=progress)
     return result
 
 

@@ -25,9 +25,9 @@ def _tables(db) -> set[str]:
 def test_new_home_is_created_and_migrated_on_first_use(kv: Kvdb):
     assert not kv.home.exists()
     assert kv.json("list") == []
-    assert {"pairs", "domains", "pair_vectors", "embeddings", "base_answers", "models", "recorded_answers"} <= _tables(kv.home / "kvdb.sqlite")
+    assert {"pairs", "domains", "pair_vectors", "embeddings", "base_answers", "models", "recorded_answers", "engine_answers"} <= _tables(kv.home / "kvdb.sqlite")
     status = kv.json("db", "status")
-    assert status["current"] == status["head"] == "0004" and status["up_to_date"]
+    assert status["current"] == status["head"] == "0005" and status["up_to_date"]
 
 
 def test_sqlite_pragmas(kv: Kvdb, home):

@@ -73,7 +73,7 @@ def _pg_tables(pg_server, url: str) -> set[str]:
 def test_migrations_up_down_and_up_again(pg_server, pg_kv: Kvdb, pg_url):
     pg_kv("add", "-d", "cs", "-q", "What is a tree?", "-a", "A connected acyclic graph.")
     assert {"pairs", "domains", "pair_vectors", "embeddings", "base_answers", "models", "store_state",
-            "recorded_answers", "alembic_version"} == _pg_tables(pg_server, pg_url)
+            "recorded_answers", "engine_answers", "alembic_version"} == _pg_tables(pg_server, pg_url)
     pg_kv("db", "downgrade", "0001")
     assert "pair_vectors" not in _pg_tables(pg_server, pg_url)
     assert "run `kvdb db upgrade`" in pg_kv("list", ok=False).stderr

@@ -12,6 +12,10 @@ give (the engine's own plain greedy decoding). Each engine states how it meets t
 same dtype and device, up to floating-point ties; kvdb.engines.llama_cpp: a build whose batched rows are computed
 like single-token steps).
 
+Optional: ``exact_batches`` (bool), true when every row of a batched pass is computed exactly as a one-token step
+would compute it; such an engine's answer to a prompt is its plain greedy output bit for bit, so kvdb.replay may
+return it again for the same prompt without running the model.
+
 Optional, for learned drafts that read the base model's hidden states: ``tap(layers)`` (1-based decoder layers to
 keep, ``()`` to stop) and ``features`` (layer -> [m, H] rows of the last prefill or verify pass still in the
 context, i.e. positions ``n_positions - m .. n_positions - 1``). The loop skips, with a notice, a source that wants

@@ -91,7 +91,10 @@ class LlamaCppEngine:
         self.max_positions: int = self._ctx.n_ctx()
         self._ids: list[int] = []
         self._argmax: list[int | None] = []  # greedy token after each position, where its row was computed
-        if not exact_build():
+        # Whether every row of a batched pass equals a one-token step: then this engine's answers are its
+        # deterministic greedy output and may be replayed for the same prompt (kvdb.replay).
+        self.exact_batches: bool = exact_build()
+        if not self.exact_batches:
             log.warning("llama.cpp was built with LLAMAFILE or CPU REPACK on: batched verification can differ "
                         "from one-token greedy decoding at near-ties; rebuild with `make install`")
 

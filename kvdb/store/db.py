@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 # The newest migration, so that opening a store at head needs one SELECT and not Alembic's script loader (half a
 # second of imports on every command); tests/test_migrations.py checks it against the migrations folder.
-SCHEMA_HEAD = "0004"
+SCHEMA_HEAD = "0005"
 
 # Advisory lock keys (any 64-bit constants, the same in every kvdb process): one for writers, one for migrations.
 PG_WRITE_LOCK = 0x6B76_6462_7772_6974  # "kvdbwrit"

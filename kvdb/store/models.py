@@ -157,6 +157,25 @@ class RecordedAnswer(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class EngineAnswer(Base):
+    """An engine's whole greedy answer to one exact prompt, made on a build whose batched passes compute every row
+    like a one-token step (kvdb.replay): returning it for the same prompt ids, engine, build and settings is that
+    engine's deterministic greedy output. ``engine_key`` is the sha256 of the engine's ``describe()`` (model
+    fingerprint, engine, build, threads, ...); answers of another engine key are never returned."""
+
+    __tablename__ = "engine_answers"
+    __table_args__ = (UniqueConstraint("engine_key", "prompt_key", name="uq_engine_answers_key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    engine_key: Mapped[str] = mapped_column(String(64), index=True)
+    prompt_key: Mapped[str] = mapped_column(String(64))  # sha256 of the prompt ids as a JSON list
+    max_new_tokens: Mapped[int] = mapped_column(Integer)
+    finished: Mapped[bool] = mapped_column(Boolean)  # ended with EOS before max_new_tokens
+    data: Mapped[bytes] = mapped_column(LargeBinary)  # safetensors: output_ids int32
+    checksum: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class StoreState(Base):
     """Small counters; ``revision`` rises with every change to pairs or embeddings, so an index can tell it is
     stale with one read."""
