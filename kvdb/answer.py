@@ -297,8 +297,9 @@ class Answerer:
         if not cfg.enabled or not callable(getattr(engine, "save_state", None)):
             return None
         if self._states is None:
+            # Written to disk by a writer thread: an answer never waits for its states' files.
             self._states = StateCache(self.rt.home.models_dir / "states", memory_bytes=cfg.memory_mb << 20,
-                                      disk_bytes=cfg.disk_mb << 20)
+                                      disk_bytes=cfg.disk_mb << 20, background_writes=True)
         refs = [Reference(m.question, m.answer) for m in result.matches]
         return PrefixReuse(self._states, prefix_boundaries(self.lm, query, refs, ids))
 
@@ -357,6 +358,11 @@ class Answerer:
         ids = self.lm.chat_ids([{"role": "user", "content": "Hello?"}], add_generation_prompt=True)
         greedy_generate(self.engine, ids, 4, self.lm.eos_ids)
         speculative_generate(self.engine, ids, 4, self.lm.eos_ids, [CopySource([ids], search_context=True)])
+
+    def close(self) -> None:
+        """Wait for the prefix-state files still being written (the answers do not wait for them)."""
+        if self._states is not None:
+            self._states.flush()
 
     def flush_notices(self) -> None:
         self.retriever.flush_notices()

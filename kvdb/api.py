@@ -162,7 +162,10 @@ class KnowledgeBase:
         self.close()
 
     def close(self) -> None:
-        """Release the store's connections (models are freed with the object)."""
+        """Finish pending writes (prefix-state files) and release the store's connections (models are freed with
+        the object)."""
+        if self._answerer is not None:
+            self._answerer.close()
         if "store" in vars(self.rt):
             self.rt.store.dispose()
 

@@ -62,7 +62,9 @@ def _kb(ctx: click.Context, **options):
     """The library over this invocation's home and config (its notices are logged: stderr unless -q)."""
     from kvdb.api import KnowledgeBase
 
-    return KnowledgeBase(_rt(ctx), **options)
+    kb = KnowledgeBase(_rt(ctx), **options)
+    ctx.call_on_close(kb.close)  # pending writes (prefix-state files) finish before the command returns
+    return kb
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")

@@ -64,6 +64,7 @@ def warm_answers(runtime, lm=None, domain: str | None = None, progress: bool = F
             counts["replayed" if answer.stats.get("replayed") else "answered"] += 1
         bar.update(1)
     bar.close()
+    answerer.close()  # the prefix states reach the disk before training or the build reports
     answerer.flush_notices()
     return {"engine": engine.name, "questions": len(questions), **counts,
             "seconds": round(time.perf_counter() - t0, 2)}

@@ -210,3 +210,25 @@ def test_a_state_llama_cpp_cannot_load_is_recomputed(engine, tmp_path, caplog):
     assert prefill_with_states(engine, cache, prompt) == expected
     assert engine.context_ids == prompt
     assert "did not load" in caplog.text
+
+
+def test_background_writes_never_hold_the_caller_and_flush_waits_for_them(tmp_path, monkeypatch):
+    import threading
+
+    from kvdb.engines import statecache
+
+    release, real_encode = threading.Event(), statecache.encode_state
+
+    def slow_encode(state):
+        assert release.wait(30), "the writer was never released"
+        return real_encode(state)
+
+    monkeypatch.setattr(statecache, "encode_state", slow_encode)
+    cache = StateCache(tmp_path, background_writes=True)
+    state = fake([1, 2, 3])
+    cache.put(state)  # returns while the writer waits: the answer goes on
+    assert cache.get([1, 2, 3], ENGINE_A) == state  # from memory at once
+    assert not list(tmp_path.glob(f"*{SUFFIX}"))
+    release.set()
+    cache.flush()
+    assert StateCache(tmp_path).get([1, 2, 3], ENGINE_A) == state  # another process finds it on disk

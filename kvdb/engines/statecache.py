@@ -4,7 +4,9 @@ A state is keyed by sha256 over the engine's describe() and the exact token ids 
 its header, so a lookup returns it only for the same model, build, engine settings and token sequence (a hash match
 whose header disagrees is treated as foreign and dropped). States live in memory (LRU, bounded in bytes) and, given
 a directory, on disk (one file per state, written to a temporary name and renamed; the least recently used files
-go when the folder passes its bound). A file whose checksum fails is deleted and the prefix recomputed.
+go when the folder passes its bound). A file whose checksum fails is deleted and the prefix recomputed. With
+``background_writes`` the files are encoded and written by one writer thread, so an answer never waits for its
+states to reach the disk (the interpreter finishes pending writes before it exits; ``flush`` waits for them).
 
 File layout: MAGIC, an 8-byte little-endian header length, the header (JSON: token ids, engine key, next token,
 kv length and sha256), then the KV bytes.
@@ -19,6 +21,7 @@ import logging
 import os
 import struct
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,12 +119,16 @@ class StateStats:
 class StateCache:
     """Prefix states in memory (LRU, ``memory_bytes``) and under ``directory`` (LRU by mtime, ``disk_bytes``)."""
 
-    def __init__(self, directory: Path | None = None, memory_bytes: int = 256 << 20, disk_bytes: int = 2 << 30):
+    def __init__(self, directory: Path | None = None, memory_bytes: int = 256 << 20, disk_bytes: int = 2 << 30,
+                 background_writes: bool = False):
         self.directory = Path(directory) if directory is not None else None
         self.memory_bytes, self.disk_bytes = memory_bytes, disk_bytes
         self._memory: OrderedDict[str, PrefixState] = OrderedDict()
         self._memory_total = 0
         self.stats = StateStats()
+        # One writer thread: files are written in order, and disk trimming never races with itself.
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="kvdb-states") if background_writes else None
+        self._pending: list[Future] = []
 
     # ---- lookups ----
 
@@ -178,17 +185,31 @@ class StateCache:
     # ---- writes ----
 
     def put(self, state: PrefixState) -> None:
-        """Keep ``state`` in memory and, with a directory, on disk."""
+        """Keep ``state`` in memory and, with a directory, on disk (by the writer thread, if there is one)."""
         key = state_key(state)
         self._remember(key, state)
         self.stats.saved += 1
-        if self.directory is not None:
-            try:
-                atomic_write_bytes(self.directory / f"{key}{SUFFIX}", encode_state(state))
-            except OSError as exc:  # a full or read-only disk costs the cache, never the answer
-                log.warning("cannot write prefix state under %s (%s); keeping it in memory only", self.directory, exc)
-                return
-            self._trim_disk()
+        if self.directory is None:
+            return
+        if self._writer is None:
+            self._write(key, state)
+            return
+        self._pending = [f for f in self._pending if not f.done()]
+        self._pending.append(self._writer.submit(self._write, key, state))
+
+    def _write(self, key: str, state: PrefixState) -> None:
+        try:
+            atomic_write_bytes(self.directory / f"{key}{SUFFIX}", encode_state(state))
+        except OSError as exc:  # a full or read-only disk costs the cache, never the answer
+            log.warning("cannot write prefix state under %s (%s); keeping it in memory only", self.directory, exc)
+            return
+        self._trim_disk()
+
+    def flush(self) -> None:
+        """Wait until every state put so far is on disk."""
+        for future in self._pending:
+            future.result()
+        self._pending = []
 
     def drop(self, state: PrefixState) -> None:
         """Delete a state that failed to load into its engine (it will be recomputed and stored again)."""
@@ -239,6 +260,7 @@ class StateCache:
         (stale once the model, build or settings changed) and the corrupt or misplaced ones; ``fix`` deletes all
         but the intact ones."""
         counts = {"ok": 0, "other_engine": 0, "corrupt": 0}
+        self.flush()
         for _, _, path in self._file_entries():
             try:
                 state = decode_state(path.read_bytes())
@@ -258,6 +280,7 @@ class StateCache:
 
     def usage(self) -> dict[str, float]:
         """Entries and bytes held, and the KV bytes per cached token (what a prefix costs to keep)."""
+        self.flush()
         states = list(self._memory.values())
         tokens = sum(len(s.token_ids) for s in states)
         kv = sum(len(s.kv) for s in states)
