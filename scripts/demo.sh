@@ -20,7 +20,7 @@ step "kvdb query \"How long should I boil an egg?\"   (nothing in the store answ
 $KVDB query "How long should I boil an egg?"
 step "kvdb export   (knowledge_cache.pth and one per domain)"
 $KVDB export
-step "kvdb train --epochs ${DEMO_EPOCHS:-1} --no-variants   (a short run of the draft model; records the base model's answer to every stored question)"
+step "kvdb train --epochs ${DEMO_EPOCHS:-1} --no-variants   (a short run of the draft model; records the base model's answer to every stored question, then answers each once on the answering engine so a verbatim ask of it is replayed)"
 $KVDB train --epochs "${DEMO_EPOCHS:-1}" --no-variants
 step "kvdb query --generate --vs-greedy   (stored questions verbatim, a paraphrase, an unanswerable question)"
 $KVDB query --file scripts/demo_questions.jsonl --generate --vs-greedy

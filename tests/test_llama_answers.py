@@ -130,3 +130,14 @@ def forget_replays(home: Path) -> None:
     """Drop the engine answers kvdb.replay would return, so the next ask decodes."""
     with sqlite3.connect(home / "kvdb.sqlite") as conn:
         conn.execute("delete from engine_answers")
+
+
+def test_train_answers_the_stored_questions_on_llama_cpp(tmp_path, gguf_config):
+    kv = Kvdb(tmp_path / "home", gguf_config)
+    kv("add", "--file", str(write_jsonl(tmp_path / "pairs.jsonl", PAIRS)))
+    kv("build")
+    warmed = kv.json("train", "--epochs", "1", "--no-variants")["warmed"]
+    assert warmed["engine"] == "llama_cpp" and warmed["answered"] + warmed["replayed"] == len(PAIRS)
+    assert warmed["failed"] == 0
+    assert kv.json("query", "--generate", PAIRS[1]["question"])["stats"]["replayed"]
+    assert "stored questions on llama_cpp: answered" in kv("train", "--epochs", "1", "--no-variants").stdout

@@ -280,6 +280,7 @@ def test_cli_no_variants_trains_on_own_questions_only(built, tmp_path):
     shutil.copytree(src, home)
     result = Kvdb(home, cfg).json("train", "--epochs", "1", "--no-variants")
     assert result["data"]["train_examples"] == 6 and result["epochs_run"] == 1
+    assert "skipped" in result["warmed"] and result["warmed"]["engine"] == "transformers"  # nothing to replay
 
 
 def test_recorded_answers_become_the_drafts_first_knowledge(trained):
