@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, exc, select
+from sqlalchemy import delete, exc, null, select
 
 from kvdb.errors import CorruptError, KvdbError
 from kvdb.store.blobs import unpack
-from kvdb.store.models import BaseAnswer, Embedding, Pair, PairVectors, RecordedAnswer
+from kvdb.store.models import BaseAnswer, Embedding, EngineAnswer, Pair, PairVectors, RecordedAnswer
 
 OK, PROBLEM, REPAIRED, SKIPPED = "ok", "problem", "repaired", "skipped"
 
@@ -139,9 +139,10 @@ _BLOB_TABLES = (
     (Embedding, "embedding", "kvdb build"),
     (BaseAnswer, "base answer", "kvdb train"),
 )
-# Blobs checked against their checksums: the above, and recorded answers (about a pair that may live only in a cache
-# file, so never orphans).
-_CHECKSUMMED = _BLOB_TABLES + ((RecordedAnswer, "recorded answer", "kvdb query --generate"),)
+# Blobs checked against their checksums: the above, recorded answers (about a pair that may live only in a cache
+# file, so never orphans) and engines' replayed answers (keyed by prompt, not by pair).
+_CHECKSUMMED = _BLOB_TABLES + ((RecordedAnswer, "recorded answer", "kvdb query --generate"),
+                               (EngineAnswer, "replayed answer", "kvdb query --generate"))
 
 
 def _check_orphans(report: Report, store, repair: bool) -> None:
@@ -208,7 +209,8 @@ def _dangling_references(session) -> Iterator[tuple[str, str, int]]:
 def _blob_rows(store, model) -> Iterator[tuple]:
     """(id, pair hash, data, checksum, row) for every row of ``model``, a chunk at a time."""
     last = 0
-    cols = [model.id, model.pair_hash, model.data, model.checksum]
+    pair = model.pair_hash if hasattr(model, "pair_hash") else null().label("pair_hash")  # replayed answers: none
+    cols = [model.id, pair, model.data, model.checksum]
     if model is PairVectors:
         cols += [PairVectors.num_tokens, PairVectors.layers]
     while True:

@@ -81,3 +81,23 @@ def test_replay_reports_no_pass(store):
     assert got.output_ids == [3, 4, EOS]
     assert got.stats["replayed"] is True and got.stats["verify_steps"] == 0 and got.stats["new_tokens"] == 3
     assert got.stats["engine"] == "llama_cpp"
+
+
+def test_doctor_checks_replayed_answers(tmp_path):
+    """A replayed answer whose bytes were changed is reported, and --repair deletes it (it is decoded again)."""
+    from sqlalchemy import update
+
+    from kvdb.doctor import check
+    from kvdb.store.models import EngineAnswer
+
+    rt = Runtime.open(tmp_path / "home")
+    book = ReplayBook(rt.store, engine_key(fake_engine()))
+    book.record([1, 2, 3], [4, EOS], 16, [EOS])
+    assert [f.status for f in check(rt).findings if f.check == "blobs"] == ["ok"]
+    with rt.store.write() as session:
+        session.execute(update(EngineAnswer).values(data=b"tampered"))
+    found = [f for f in check(rt).findings if f.check == "blobs"]
+    assert found and found[0].status == "problem" and "replayed answer" in found[0].detail
+    assert [f.status for f in check(rt, repair=True).findings if f.check == "blobs"] == ["repaired"]
+    assert book.lookup([1, 2, 3], 16) is None
+    rt.store.dispose()
