@@ -298,13 +298,22 @@ class KnowledgeBase:
 
     # -- build and export ------------------------------------------------------------------------------------------
     def build(self, domain: str | None = "all", batch_size: int | None = None, rebuild: bool = False,
-              progress: bool = False, wait: bool = True) -> dict[str, Any]:
+              progress: bool = False, wait: bool = True, states: bool = False) -> dict[str, Any]:
         """Prefill pairs without vectors for the current model, embed them, refresh the index (`kvdb build --json`).
-        Queries keep being answered from what is built meanwhile; ``wait=False`` refuses when a build is running."""
+        Queries keep being answered from what is built meanwhile; ``wait=False`` refuses when a build is running.
+        ``states``: then answer every stored question once (`kvdb build --states`, kvdb.warm), one at a time
+        between other answers."""
         if not self._build_lock.acquire(blocking=wait):
             raise ConflictError("a build is already running; wait for it to finish")
         try:
-            return self._build(_scope(domain), batch_size, rebuild, progress)
+            result = self._build(_scope(domain), batch_size, rebuild, progress)
+            if states:
+                from kvdb.warm import warm_answers
+
+                result["warmed"] = warm_answers(self.rt, domain=_scope(domain), progress=progress,
+                                                answerer=self.answerer(), lock=self.model_lock)
+                self.flush_notices()
+            return result
         finally:
             self._build_lock.release()
 

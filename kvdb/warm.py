@@ -12,6 +12,7 @@ recorded is replayed, which costs a lookup, so running this again after adding p
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any
@@ -31,17 +32,19 @@ def stored_questions(store, domain: str | None = None) -> list[str]:
         return [p.question for p in list_pairs(session, domain)]
 
 
-def warm_answers(runtime, lm=None, domain: str | None = None, progress: bool = False,
-                 answerer=None) -> dict[str, Any]:
+def warm_answers(runtime, lm=None, domain: str | None = None, progress: bool = False, answerer=None,
+                 lock=None) -> dict[str, Any]:
     """Answer each stored question on the answering engine (model.engine / KVDB_ENGINE); returns what was done:
     ``{"engine", "questions", "answered", "replayed", "failed", "seconds"}``, or ``{"engine", "skipped"}`` where the
-    engine neither replays nor keeps states."""
+    engine neither replays nor keeps states. ``answerer``: a loaded kvdb.answer.Answerer to answer with, held under
+    ``lock`` one question at a time (a KnowledgeBase's model lock)."""
     from kvdb.answer import Answerer
     from kvdb.engines import engine_name
     from kvdb.lm import load_model
 
     t0 = time.perf_counter()
-    if answerer is None:
+    own = answerer is None
+    if own:
         lm = lm or load_model(runtime.config.model, runtime.home)
         name = engine_name(runtime.config.model.engine, lm)
         if name == "transformers":  # verified in long passes from training's recordings: nothing to prepare
@@ -56,7 +59,8 @@ def warm_answers(runtime, lm=None, domain: str | None = None, progress: bool = F
     bar = _bar(len(questions), progress)
     for question in questions:
         try:
-            answer = answerer.answer(question)
+            with lock or contextlib.nullcontext():
+                answer = answerer.answer(question)
         except KvdbError as exc:  # e.g. a question whose prompt exceeds the context: it is answered by decoding
             log.warning("not prepared: %r (%s)", question[:60], exc)
             counts["failed"] += 1
@@ -65,7 +69,8 @@ def warm_answers(runtime, lm=None, domain: str | None = None, progress: bool = F
         bar.update(1)
     bar.close()
     answerer.close()  # the prefix states reach the disk before training or the build reports
-    answerer.flush_notices()
+    if own:  # a caller's answerer's notices are for its owner to report
+        answerer.flush_notices()
     return {"engine": engine.name, "questions": len(questions), **counts,
             "seconds": round(time.perf_counter() - t0, 2)}
 

@@ -141,3 +141,13 @@ def test_train_answers_the_stored_questions_on_llama_cpp(tmp_path, gguf_config):
     assert warmed["failed"] == 0
     assert kv.json("query", "--generate", PAIRS[1]["question"])["stats"]["replayed"]
     assert "stored questions on llama_cpp: answered" in kv("train", "--epochs", "1", "--no-variants").stdout
+
+
+def test_the_library_builds_with_states(tmp_path, gguf_config):
+    import kvdb
+
+    with kvdb.open(home=tmp_path / "home", config=gguf_config) as kb:
+        kb.add_many([{k: p[k] for k in ("domain", "question", "answer")} for p in PAIRS[:3]])
+        warmed = kb.build(states=True)["warmed"]
+        assert warmed["answered"] == 3 and warmed["engine"] == "llama_cpp"
+        assert kb.answer(PAIRS[2]["question"]).to_dict()["stats"]["replayed"]
