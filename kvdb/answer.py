@@ -301,7 +301,8 @@ class Answerer:
             self._states = StateCache(self.rt.home.models_dir / "states", memory_bytes=cfg.memory_mb << 20,
                                       disk_bytes=cfg.disk_mb << 20, background_writes=True)
         refs = [Reference(m.question, m.answer) for m in result.matches]
-        return PrefixReuse(self._states, prefix_boundaries(self.lm, query, refs, ids))
+        return PrefixReuse(self._states, prefix_boundaries(self.lm, query, refs, ids),
+                           save_whole=engine_key(engine) is None)
 
     def policy(self, engine: Engine | None = None) -> DraftPolicy:
         """A fresh draft policy for one answer, with this machine's measured pass costs on ``engine`` (default:

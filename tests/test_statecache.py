@@ -232,3 +232,12 @@ def test_background_writes_never_hold_the_caller_and_flush_waits_for_them(tmp_pa
     release.set()
     cache.flush()
     assert StateCache(tmp_path).get([1, 2, 3], ENGINE_A) == state  # another process finds it on disk
+
+
+def test_without_save_whole_only_the_boundaries_are_kept(engine, tmp_path):
+    prompt = [1, 50, 51, 52, 53, 54, 55]
+    cache = StateCache(tmp_path)
+    first = prefill_with_states(engine, cache, prompt, boundaries=[3], save_whole=False)
+    assert first == engine.prefill(prompt)
+    kept = [decode_state(p.read_bytes()).token_ids for p in tmp_path.glob(f"*{SUFFIX}")]
+    assert kept == [tuple(prompt[:3])]

@@ -292,9 +292,10 @@ class StateCache:
 
 
 def prefill_with_states(engine: StatefulEngine, cache: StateCache, prompt_ids: Sequence[int],
-                        boundaries: Iterable[int] = ()) -> int:
+                        boundaries: Iterable[int] = (), save_whole: bool = True) -> int:
     """``engine.prefill(prompt_ids)`` reusing the longest stored prefix state among ``boundaries`` and the whole
-    prompt, and storing the state at each boundary past it (and of the whole prompt) for next time.
+    prompt, and storing the state at each boundary past it (and, with ``save_whole``, of the whole prompt) for next
+    time.
 
     Exact on a build whose rows do not depend on their batch: the restored cells and the rows decoded after them
     are those a single full prefill computes."""
@@ -310,7 +311,8 @@ def prefill_with_states(engine: StatefulEngine, cache: StateCache, prompt_ids: S
             cache.drop(hit)
     for cut in (c for c in cuts if c > done):
         nxt = engine.prefill(prompt_ids[:cut]) if done == 0 else engine.extend(prompt_ids[done:cut])
-        cache.put(engine.save_state())
+        if save_whole or cut < len(prompt_ids):
+            cache.put(engine.save_state())
         done = cut
     return nxt
 
@@ -322,6 +324,9 @@ class PrefixReuse:
 
     cache: StateCache
     boundaries: tuple[int, ...] = ()
+    # The whole prompt's state serves only an exact repeat of the prompt; an engine that replays its answers
+    # (kvdb.replay) never decodes that again, so it keeps the boundaries' states alone (and its memory for them).
+    save_whole: bool = True
 
     def prefill(self, engine: StatefulEngine, prompt_ids: Sequence[int]) -> int:
-        return prefill_with_states(engine, self.cache, prompt_ids, self.boundaries)
+        return prefill_with_states(engine, self.cache, prompt_ids, self.boundaries, self.save_whole)
