@@ -131,6 +131,7 @@ def _summary(rows: list[dict[str, Any]], methods: Sequence[str]) -> list[dict[st
                 "speedup_llamacpp_median": median_llama, "speedup_llamacpp_min": low_llama,
                 "accepted_per_step": round(sum(r["accepted"] for r in mine) / steps, 3) if kvdb and steps else None,
                 "identical": sum(r["identical"] for r in mine),
+                "replayed": sum(r.get("replayed", False) for r in mine),
                 "ttft_ratio_median": round(statistics.median(r["ttft_ratio"] for r in mine), 3),
             })
     return out
@@ -280,6 +281,7 @@ def _question_rows(plans: dict, methods: list[str], answerer, qi: int, q: BenchQ
                      "engine": s.get("engine"), "prompt_tokens": len(ids), "new_tokens": s["new_tokens"],
                      "seconds": s["seconds"], "time_to_first_token": s["time_to_first_token"],
                      "verify_steps": s["verify_steps"], "drafted": s["drafted"], "accepted": s["accepted"],
+                     "replayed": bool(s.get("replayed")),
                      "identical": best[name].output_ids == base.output_ids,
                      "speedup": best["greedy"].stats["seconds"] / s["seconds"] if s["seconds"] else 0.0,
                      "speedup_llamacpp": llama.stats["seconds"] / s["seconds"] if llama and s["seconds"] else None,
@@ -338,6 +340,8 @@ def markdown_table(report: dict[str, Any]) -> str:
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for s in report["summary"]:
         aps = "-" if s["accepted_per_step"] is None else f"{s['accepted_per_step']:.2f}"
+        if s.get("replayed"):
+            aps = "replayed" if s["replayed"] == s["questions"] else f"{aps} ({s['replayed']} replayed)"
         llama = ("-" if s["speedup_llamacpp_median"] is None
                  else f"{s['speedup_llamacpp_median']:.2f}x, {s['speedup_llamacpp_min']:.2f}x")
         lines.append(f"| {s['workload']} | {s['method']} | {s['tokens_per_second']:.1f} | {s['speedup_median']:.2f}x "
@@ -368,6 +372,8 @@ def plot(report: dict[str, Any], path: str | Path) -> Path:
                       label=method)
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
     ax.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
+    if max((s[key] or 0.0) for s in report["summary"]) > 30:  # a replayed answer is a lookup: log scale
+        ax.set_yscale("log")
     ax.set_xticks(range(len(workloads)), workloads)
     ax.set_ylabel(f"speedup over {baseline} (median)")
     ax.set_title(f"{report['model']} on {report['device']} {report['dtype']}, {report['max_new_tokens']} new tokens")

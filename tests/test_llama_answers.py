@@ -93,7 +93,10 @@ def test_bench_runs_the_llama_cpp_methods_against_llama_cpp_greedy(built: Kvdb, 
         {"query": "Why is the sky blue during the day?", "workload": "paraphrased"},
     ])
     methods = "greedy,kvdb_copy,llamacpp_greedy,llamacpp_prompt_lookup,kvdb_llamacpp,kvdb_llamacpp_nostates"
+    built("query", "--generate", "What is entropy?")  # recorded on llama.cpp: its stored row is replayed
     report = built.json("bench", "--questions", str(questions), "-n", "12", "--methods", methods)
+    replayed = {(r["workload"], r["method"]) for r in report["rows"] if r["replayed"]}
+    assert replayed == {("stored", "kvdb_llamacpp")}  # nostates decodes; the benchmark records nothing itself
     assert report["methods"] == ["greedy", "llamacpp_greedy", "kvdb_copy", "llamacpp_prompt_lookup",
                                  "kvdb_llamacpp", "kvdb_llamacpp_nostates"]
     for s in report["summary"]:
