@@ -482,6 +482,7 @@ def _generate(ctx, queries, many, top_k, domain, max_new_tokens, draft_path, no_
         click.echo()
         s = result.stats
         how = ("drafted alone, unverified" if draft_only else
+               f"replayed: {s['engine']}'s own answer to this very prompt, no model pass" if s.get("replayed") else
                f"{s['verify_steps']} verify steps, {s['accepted']}/{s['drafted']} drafted tokens accepted")
         click.echo(f"[{s['new_tokens']} tokens in {s['seconds']:.2f}s, {how}; reference: "
                    f"{result.result.matches[0].question if result.result.matches else 'none'}]", err=True)
