@@ -245,7 +245,7 @@ class Answerer:
         try:
             if replays is not None:
                 replays.record(ids, output, max_new_tokens, self.lm.eos_ids)
-            if self._worth_recording(sources, output):
+            if self._worth_recording(sources, output, replaces=replays is None):
                 # An answer to a rephrasing that retrieval is sure of is the model's wording about that pair:
                 # later rephrasings copy from it, as from training's answers to the pair's variants.
                 about = result.matches[0].hash if result.confident and result.matches else None
@@ -255,15 +255,17 @@ class Answerer:
             self.notices.append(f"answer not recorded: {exc}")
 
     @staticmethod
-    def _worth_recording(sources: list, output: list[int]) -> bool:
-        """Whether to keep ``output`` as the recorded answer to its prompt: when there was none, or when the one it
-        was verified against parts from it (recorded by another engine, whose greedy answer can differ in the last
-        bits; the next ask on this engine is then verified in one pass)."""
+    def _worth_recording(sources: list, output: list[int], replaces: bool = True) -> bool:
+        """Whether to keep ``output`` as the recorded answer to its prompt: when there was none, or (``replaces``)
+        when the one it was verified against parts from it (recorded by another engine, whose greedy answer can
+        differ in the last bits; the next ask on this engine is then verified in one pass). An engine that replays
+        its own answers passes ``replaces=False``: it never needs the shared recording, which stays the one the
+        other engine verifies from in one pass and the draft is trained on."""
         exact = next((s for s in sources if isinstance(s, ExactAnswerSource)), None)
         if exact is None:
             return True
         n = min(len(exact.answer_ids), len(output))
-        return exact.answer_ids[:n] != output[:n]
+        return replaces and exact.answer_ids[:n] != output[:n]
 
     def answer_draft_only(self, query: str, max_new_tokens: int | None = None, top_k: int | None = None,
                           domain: str | None = None,

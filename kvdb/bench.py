@@ -10,11 +10,12 @@ Methods (all greedy, so every output should equal its engine's baseline):
   llamacpp_greedy         llama.cpp on the same GGUF: the prompt in one pass, then one token per pass (the baseline
                           a CPU user has)
   llamacpp_prompt_lookup  llama.cpp's own prompt-lookup speculation (LlamaPromptLookupDecoding, 10 tokens)
-  kvdb_llamacpp           kvdb on llama.cpp as `kvdb query --generate` answers: the engine's own recorded answer to
-                          the very prompt where there is one (kvdb.replay; `kvdb train` records every stored
-                          question's), else decoding with prefix-state reuse: the states of the prompt's recurring
-                          prefixes (instruction, top pair's reference block, system turn) are restored, as after
-                          earlier questions; a stored question's whole prompt too, as after an earlier ask of it
+  kvdb_llamacpp           kvdb on llama.cpp as `kvdb query --generate` answers: for a stored question, the engine's
+                          own recorded answer to the very prompt where there is one (kvdb.replay; `kvdb train`
+                          records every stored question's; the other workloads stand for first asks), else
+                          decoding with prefix-state reuse: the states of the prompt's recurring prefixes
+                          (instruction, top pair's reference block, system turn) are restored, as after earlier
+                          questions; a stored question's whole prompt too, as after an earlier ask of it
   kvdb_llamacpp_nostates  kvdb on llama.cpp decoding every answer, every prompt prefilled from scratch (no replay,
                           no states)
 The llama.cpp methods need llama-cpp-python and a GGUF model source; elsewhere they are skipped with a notice.
@@ -222,9 +223,10 @@ def _plans(answerer, methods: list[str], max_new_tokens: int, depth: int, book, 
     replays = answerer.knowledge.replay_book(llama)
 
     def kvdb_llamacpp(ids, result, query, wl):
-        """As `kvdb query --generate` answers: this engine's recorded answer to the very prompt if there is one
-        (recorded by `kvdb train` for stored questions; never by the benchmark itself), else decoding."""
-        found = replay(replays, llama.name, ids, max_new_tokens) if replays is not None else None
+        """As `kvdb query --generate` answers: for a stored question, this engine's recorded answer to the very
+        prompt if there is one (`kvdb train` records them; the benchmark never does), else decoding. Paraphrased
+        and unanswerable questions stand for first asks: never replayed, even if asked before in this home."""
+        found = replay(replays, llama.name, ids, max_new_tokens) if replays is not None and wl == "stored" else None
         return found or kvdb(llama, ids, result, query, True, seeded(ids, result, query, wl))
 
     plans.update({
