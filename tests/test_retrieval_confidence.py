@@ -122,6 +122,13 @@ def test_a_configured_score_threshold_keeps_the_plain_rule(kvb: Kvdb, tiny_confi
 
 
 def test_calibration_file_is_package_data():
+    """The file is there, and setup.cfg puts it in the wheel (kvdb.data's patterns match it)."""
+    import configparser
+    import fnmatch
     from importlib import resources
 
     assert resources.files("kvdb").joinpath(confidence.CALIBRATION_FILE).is_file()
+    cfg = configparser.ConfigParser()
+    cfg.read(Path(__file__).resolve().parent.parent / "setup.cfg")
+    patterns = [p.strip() for p in cfg["options.package_data"]["kvdb.data"].split(",")]
+    assert any(fnmatch.fnmatch(Path(confidence.CALIBRATION_FILE).name, p) for p in patterns)
