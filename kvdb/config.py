@@ -77,7 +77,7 @@ class BuildConfig:
 
 @dataclass(frozen=True)
 class IndexConfig:
-    kind: str = "auto"  # flat | hnsw | ivf | auto
+    kind: str = "auto"  # flat | flat16 | hnsw | ivf | auto (flat to 50k vectors, flat16 to 200k, HNSW above)
     top_k: int = 3
     # Fusion: a pair's score is its best-field cosine + lexical_weight * its lexical (BM25) score in [0, 1), over
     # the fusion_candidates best of each list; 0 (or lexical: false) is dense retrieval alone. See kvdb/retrieve.py.
