@@ -113,7 +113,10 @@ def selective(session: Session, words: list[str]) -> list[str]:
     counts (SQLite; the count is of the word's stem, as the full-text index holds it)."""
     if len(words) <= KEEP_RAREST:
         return words
-    for ddl in _SQLITE_QUERY_TABLES:
+    # Pair ids only grow, so a store whose largest id is at most COMMON_PAIRS has no word in more pairs than that.
+    if (session.execute(text(f"SELECT max(rowid) FROM {FTS_TABLE}")).scalar() or 0) <= COMMON_PAIRS:
+        return words
+    for ddl in _SQLITE_QUERY_TABLES:  # in the read transaction, so rolled back with it: made again each time
         session.execute(text(ddl))
     session.execute(text("DELETE FROM temp.kvdb_query_words"))
     session.execute(text("INSERT INTO temp.kvdb_query_words(rowid, word) VALUES (:i, :w)"),

@@ -222,6 +222,9 @@ def test_words_in_many_pairs_leave_a_query_that_has_rarer_ones(kv: Kvdb, tmp_pat
     store = Store(f"sqlite:///{kv.home / 'kvdb.sqlite'}")
     monkeypatch.setattr(lexical, "COMMON_PAIRS", 2)
     with store.read() as session:
+        assert lexical.selective(session, ["storing", "computers", "bifurcating", "divisible"]) == \
+            ["bifurcating", "divisible"]
+    with store.read() as session:  # again in a fresh transaction (the query tables went with the last one)
         # "computers" and "storing" (stems of words in 4 pairs) go; two rarest words stay whatever their counts
         assert lexical.selective(session, ["storing", "computers", "bifurcating", "divisible"]) == \
             ["bifurcating", "divisible"]
@@ -231,5 +234,6 @@ def test_words_in_many_pairs_leave_a_query_that_has_rarer_ones(kv: Kvdb, tmp_pat
         ids = dict(session.execute(text("select question, id from pairs")).all())
         found = [p for p, _ in lexical.search(session, "storing computers with bifurcating hierarchy", 5)]
         assert found == [ids[TREE["question"]]]
-        monkeypatch.setattr(lexical, "COMMON_PAIRS", 100)
+        monkeypatch.setattr(lexical, "COMMON_PAIRS", 100)  # more than the store's pairs: every word stays
+        assert lexical.selective(session, ["storing", "computers", "memory"]) == ["storing", "computers", "memory"]
         assert len(lexical.search(session, "storing computers with bifurcating hierarchy", 5)) == 5
