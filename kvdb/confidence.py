@@ -77,7 +77,7 @@ class Calibrator:
                 "lexical_weight": self.lexical_weight, "embedder": self.embedder}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Calibrator":
+    def from_dict(cls, d: dict) -> Calibrator:
         uses = tuple(d.get("features") or ())
         unknown = [name for name in uses if name not in FEATURES]
         if not uses or unknown or len(d.get("coef", ())) != len(uses):

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 from sqlalchemy import select
 
-from kvdb.config import Config, Home
 from kvdb.confidence import Calibrator, features, shipped
+from kvdb.config import Config, Home
 from kvdb.embed import load_embedder
 from kvdb.identity import EmbedderRef, resolve_embedder
 from kvdb.errors import IndexCorruptError, NotBuiltError, ValidationError

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from kvdb import confidence
-from kvdb.config import load_config
 from kvdb.confidence import FEATURES, Calibrator, features, fit, logistic, shipped
+from kvdb.config import load_config
 from kvdb.errors import ConfigError
 from kvdb.runtime import Runtime
 from tests.conftest import Kvdb

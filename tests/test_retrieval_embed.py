@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from kvdb.embed import ONE_THREAD_TOKENS, one_cpu_thread
-from kvdb.runtime import Runtime
 from kvdb.retrieve import Retriever
+from kvdb.runtime import Runtime
 
 
 def test_one_cpu_thread_restores_the_count_and_leaves_other_threads_alone():
