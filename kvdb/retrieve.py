@@ -119,6 +119,7 @@ class Retriever:
         self._index_revision: int | None = None
         self.rebuilt = False
         self.notices: list[str] = []
+        self._warned_calibration = False
 
     @property
     def index_dir(self):
@@ -235,6 +236,10 @@ class Retriever:
         if cfg.confident_threshold_no_rerank is not None:
             return None, cfg.confident_threshold_no_rerank if min_score is None else min_score
         calibrator = shipped()
+        if calibrator.embedder != self.ref.name and not self._warned_calibration:
+            self._warned_calibration = True
+            self.notices.append(f"confident is calibrated for the embedder {calibrator.embedder}, not {self.ref.name}; "
+                                "set index.confident_threshold_no_rerank or refit with benchmarks/fit_confidence.py")
         if min_score is not None:
             return calibrator, min_score
         return calibrator, calibrator.threshold if cfg.min_confidence is None else cfg.min_confidence

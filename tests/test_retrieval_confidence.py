@@ -132,3 +132,18 @@ def test_calibration_file_is_package_data():
     cfg.read(Path(__file__).resolve().parent.parent / "setup.cfg")
     patterns = [p.strip() for p in cfg["options.package_data"]["kvdb.data"].split(",")]
     assert any(fnmatch.fnmatch(Path(confidence.CALIBRATION_FILE).name, p) for p in patterns)
+
+
+def test_another_embedder_is_told_the_calibration_is_not_its_own(kvb: Kvdb, calibrated_config):  # noqa: F811
+    from dataclasses import replace
+
+    from kvdb.retrieve import Retriever
+
+    rt = Runtime.open(kvb.home, calibrated_config)
+    retriever = Retriever(rt.config, rt.home, rt.store)
+    retriever.search(["Why is the sky blue?"], 1)
+    assert retriever.notices == []
+    retriever.ref = replace(retriever.ref, name="some-other-embedder")
+    retriever.search(["Why is the sky blue?"], 1)
+    retriever.search(["Why is the sky blue?"], 1)
+    assert len(retriever.notices) == 1 and "some-other-embedder" in retriever.notices[0]
