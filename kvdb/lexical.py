@@ -100,12 +100,20 @@ def search(session: Session, query: str, k: int, domain_id: int | None = None) -
 # COMMON_PAIRS pairs in all no word is ever left out.
 COMMON_PAIRS = 2000
 KEEP_RAREST = 2
-# Per connection (temp schema): the query's words through the pairs' tokenizer, and the pairs' term counts.
-_SQLITE_QUERY_TABLES = [
+# Per connection (temp schema): the query's words through the pairs' tokenizer, and the pairs' term counts. Made
+# when SQLite opens the connection (kvdb.store.db), outside any transaction, so they last as long as it does (made
+# inside a read transaction they would go with its rollback, and making them costs more than the search they save).
+SQLITE_CONNECTION_TABLES = [
     f"CREATE VIRTUAL TABLE IF NOT EXISTS temp.kvdb_query_words USING fts5(word, tokenize = '{TOKENIZE}')",
     "CREATE VIRTUAL TABLE IF NOT EXISTS temp.kvdb_query_stems USING fts5vocab(temp, kvdb_query_words, instance)",
     f"CREATE VIRTUAL TABLE IF NOT EXISTS temp.kvdb_pair_terms USING fts5vocab(main, {FTS_TABLE}, row)",
 ]
+
+
+def prepare_connection(cursor) -> None:
+    """Make the temp tables ``selective`` reads, on a new SQLite connection (a DBAPI cursor, autocommit)."""
+    for ddl in SQLITE_CONNECTION_TABLES:
+        cursor.execute(ddl)
 
 
 def selective(session: Session, words: list[str]) -> list[str]:
@@ -116,8 +124,6 @@ def selective(session: Session, words: list[str]) -> list[str]:
     # Pair ids only grow, so a store whose largest id is at most COMMON_PAIRS has no word in more pairs than that.
     if (session.execute(text(f"SELECT max(rowid) FROM {FTS_TABLE}")).scalar() or 0) <= COMMON_PAIRS:
         return words
-    for ddl in _SQLITE_QUERY_TABLES:  # in the read transaction, so rolled back with it: made again each time
-        session.execute(text(ddl))
     session.execute(text("DELETE FROM temp.kvdb_query_words"))
     session.execute(text("INSERT INTO temp.kvdb_query_words(rowid, word) VALUES (:i, :w)"),
                     [{"i": i, "w": w} for i, w in enumerate(words)])
