@@ -381,7 +381,9 @@ def _read_queries(path: str) -> list[str]:
 @click.option("--top-k", "-k", type=click.IntRange(1, 1000), default=None, help="Pairs to return [config index.top_k].")
 @click.option("--domain", "-d", default=None, help="Search only this domain.")
 @click.option("--min-score", type=float, default=None,
-              help="Score the best match must reach to be called confident [config index.confident_threshold_no_rerank].")
+              help="Calibrated probability (0-1) the best match must reach to be called confident [config "
+                   "index.min_confidence]; the best score instead where index.confident_threshold_no_rerank is set "
+                   "or with the re-rank.")
 @click.option("--cache", "cache_path", type=click.Path(dir_okay=False), default=None,
               help="Retrieve from an exported knowledge_cache.pth instead of the store (the store is not opened).")
 @click.option("--generate", "-g", is_flag=True, help="Answer with the base model (speculative, lossless).")

@@ -77,7 +77,7 @@ class BuildConfig:
 
 @dataclass(frozen=True)
 class IndexConfig:
-    kind: str = "auto"  # flat | hnsw | ivf | auto
+    kind: str = "auto"  # flat | flat16 | hnsw | ivf | auto (flat to 50k vectors, flat16 to 200k, HNSW above)
     top_k: int = 3
     # Fusion: a pair's score is its best-field cosine + lexical_weight * its lexical (BM25) score in [0, 1), over
     # the fusion_candidates best of each list; 0 (or lexical: false) is dense retrieval alone. See kvdb/retrieve.py.
@@ -89,16 +89,21 @@ class IndexConfig:
     rerank: bool = False
     rerank_candidates: int = 5
     rerank_weight: float = 0.5
-    # Score the best match must reach to be called confident (`kvdb query --min-score` overrides it): with rerank,
-    # fused score + weight * PMI; without, the fused score. Calibrated by benchmarks/eval_retrieval.py (see README).
+    # `confident` without the re-rank: the calibrated probability that the store answers the query (kvdb/confidence.py)
+    # reaches min_confidence (None: the shipped operating point; `kvdb query --min-score` overrides it). Setting
+    # confident_threshold_no_rerank replaces that rule by "the best fused score reaches it". With the re-rank: the
+    # best fused score + weight * PMI reaches confident_threshold. Fitted by benchmarks/fit_confidence.py (README).
+    min_confidence: float | None = None
     confident_threshold: float = 1.72
-    confident_threshold_no_rerank: float = 1.07
+    confident_threshold_no_rerank: float | None = None
 
     def __post_init__(self) -> None:
         if self.lexical_weight < 0:
             raise ConfigError(f"index.lexical_weight must be 0 or more, not {self.lexical_weight}")
         if self.fusion_candidates < 1:
             raise ConfigError(f"index.fusion_candidates must be at least 1, not {self.fusion_candidates}")
+        if self.min_confidence is not None and not 0 <= self.min_confidence <= 1:
+            raise ConfigError(f"index.min_confidence is a probability between 0 and 1, not {self.min_confidence}")
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ is stored with every vector: an index never mixes vectors of two embedders.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -31,6 +32,26 @@ def embedder_dtype(preference: str, device: torch.device) -> torch.dtype:
     except AttributeError:
         native = False
     return torch.bfloat16 if native else torch.float32
+
+
+# Inputs of at most this many tokens in all (a query or a few) are embedded on one CPU thread: their matrix products
+# are too small to split, and on a busy 2-core machine OpenMP's second thread waits for a core (one 15-token query:
+# 8 ms on one thread, 25-100 ms on two while another process computes; benchmarks/bench_search.py).
+ONE_THREAD_TOKENS = 256
+
+@contextmanager
+def one_cpu_thread(enabled: bool = True):
+    """Run torch's CPU ops of the calling thread on one thread inside the block. torch keeps the count per OS thread
+    (OpenMP's), so a generation running in another thread keeps its own count meanwhile."""
+    if not enabled:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class Embedder:
@@ -66,14 +87,18 @@ class Embedder:
         # Batches of similar lengths: a build embeds short questions beside long answers, and padding every
         # question to its batch's longest answer made the embedder a third of the build's time.
         ids = self.tokenizer(texts, truncation=True, max_length=self.cfg.max_length)["input_ids"] if texts else []
-        for rows in _length_buckets(sorted(range(len(texts)), key=lambda i: len(ids[i])), ids, step):
-            batch = self.tokenizer.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt").to(self.device)
-            hidden = self.model(**batch).last_hidden_state  # [B, T, D]
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-            pooled = torch.nn.functional.normalize(pooled.float(), dim=-1)
-            out[rows] = pooled.cpu().numpy()
+        small = self.device.type == "cpu" and sum(map(len, ids)) <= ONE_THREAD_TOKENS
+        with one_cpu_thread(small):
+            for rows in _length_buckets(sorted(range(len(texts)), key=lambda i: len(ids[i])), ids, step):
+                out[rows] = self._pooled([ids[i] for i in rows])
         return out
+
+    def _pooled(self, ids: list[list[int]]) -> np.ndarray:
+        batch = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(self.device)
+        hidden = self.model(**batch).last_hidden_state  # [B, T, D]
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return torch.nn.functional.normalize(pooled.float(), dim=-1).cpu().numpy()
 
 
 def _length_buckets(order: list[int], ids: list[list[int]], step: int) -> list[list[int]]:

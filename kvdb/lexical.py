@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 FTS_TABLE = "pairs_fts"
 PG_INDEX = "ix_pairs_fulltext"
+TOKENIZE = "porter unicode61 remove_diacritics 2"  # the pairs' words and the query's alike
 
 # The text of a pair's variants: the JSON array's strings joined by spaces (a string variant counts as one).
 _SQLITE_VARIANTS = "(SELECT group_concat(value, ' ') FROM json_each({row}.metadata, '$.variants'))"
@@ -30,8 +31,7 @@ _SQLITE_INSERT = (f"INSERT INTO {FTS_TABLE}(rowid, question, answer, variants) "
                   f"VALUES ({{row}}.id, {{row}}.question, {{row}}.answer, {_SQLITE_VARIANTS});")
 
 SQLITE_SCHEMA = [
-    f"CREATE VIRTUAL TABLE {FTS_TABLE} USING fts5(question, answer, variants, "
-    "tokenize = 'porter unicode61 remove_diacritics 2')",
+    f"CREATE VIRTUAL TABLE {FTS_TABLE} USING fts5(question, answer, variants, tokenize = '{TOKENIZE}')",
     f"CREATE TRIGGER pairs_fts_insert AFTER INSERT ON pairs BEGIN {_SQLITE_INSERT.format(row='new')} END",
     f"CREATE TRIGGER pairs_fts_delete AFTER DELETE ON pairs BEGIN DELETE FROM {FTS_TABLE} WHERE rowid = old.id; END",
     f"CREATE TRIGGER pairs_fts_update AFTER UPDATE ON pairs BEGIN DELETE FROM {FTS_TABLE} WHERE rowid = old.id; "
@@ -94,7 +94,51 @@ def search(session: Session, query: str, k: int, domain_id: int | None = None) -
     return _search_postgres(session, words, k, domain_id)
 
 
+# A query word found in more pairs than COMMON_PAIRS is left out of a SQLite search that has KEEP_RAREST rarer words:
+# BM25 weighs it little (its IDF falls as the pairs holding it grow) while scoring those pairs is most of the search's
+# time (100k synthetic pairs: 17 ms a query with every word, 4 ms without those; benchmarks/bench_search.py). Below
+# COMMON_PAIRS pairs in all no word is ever left out.
+COMMON_PAIRS = 2000
+KEEP_RAREST = 2
+# Per connection (temp schema): the query's words through the pairs' tokenizer, and the pairs' term counts. Made
+# when SQLite opens the connection (kvdb.store.db), outside any transaction, so they last as long as it does (made
+# inside a read transaction they would go with its rollback, and making them costs more than the search they save).
+SQLITE_CONNECTION_TABLES = [
+    f"CREATE VIRTUAL TABLE IF NOT EXISTS temp.kvdb_query_words USING fts5(word, tokenize = '{TOKENIZE}')",
+    "CREATE VIRTUAL TABLE IF NOT EXISTS temp.kvdb_query_stems USING fts5vocab(temp, kvdb_query_words, instance)",
+    f"CREATE VIRTUAL TABLE IF NOT EXISTS temp.kvdb_pair_terms USING fts5vocab(main, {FTS_TABLE}, row)",
+]
+
+
+def prepare_connection(cursor) -> None:
+    """Make the temp tables ``selective`` reads, on a new SQLite connection (a DBAPI cursor, autocommit)."""
+    for ddl in SQLITE_CONNECTION_TABLES:
+        cursor.execute(ddl)
+
+
+def selective(session: Session, words: list[str]) -> list[str]:
+    """``words`` less those found in more than COMMON_PAIRS pairs, keeping the KEEP_RAREST rarest whatever their
+    counts (SQLite; the count is of the word's stem, as the full-text index holds it)."""
+    if len(words) <= KEEP_RAREST:
+        return words
+    # Pair ids only grow, so a store whose largest id is at most COMMON_PAIRS has no word in more pairs than that.
+    if (session.execute(text(f"SELECT max(rowid) FROM {FTS_TABLE}")).scalar() or 0) <= COMMON_PAIRS:
+        return words
+    session.execute(text("DELETE FROM temp.kvdb_query_words"))
+    session.execute(text("INSERT INTO temp.kvdb_query_words(rowid, word) VALUES (:i, :w)"),
+                    [{"i": i, "w": w} for i, w in enumerate(words)])
+    stem = {int(i): t for t, i in session.execute(text("SELECT term, doc FROM temp.kvdb_query_stems"))}
+    stems = sorted(set(stem.values()))
+    counts = dict(session.execute(
+        text(f"SELECT term, doc FROM temp.kvdb_pair_terms WHERE term IN ({', '.join(f':t{i}' for i in range(len(stems)))})"),
+        {f"t{i}": t for i, t in enumerate(stems)}).all()) if stems else {}
+    pairs = [counts.get(stem.get(i), 0) for i in range(len(words))]
+    rarest = set(sorted(range(len(words)), key=lambda i: pairs[i])[:KEEP_RAREST])
+    return [w for i, w in enumerate(words) if i in rarest or pairs[i] <= COMMON_PAIRS]
+
+
 def _search_sqlite(session: Session, words: list[str], k: int, domain_id: int | None) -> list[tuple[int, float]]:
+    words = selective(session, words)
     where = " AND pairs.domain_id = :domain" if domain_id is not None else ""
     join = f" JOIN pairs ON pairs.id = {FTS_TABLE}.rowid" if domain_id is not None else ""
     rows = session.execute(

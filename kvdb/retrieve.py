@@ -10,9 +10,10 @@ changed since (pairs added or removed, embeddings built), or the file is missing
 embeddings table, which is the source of truth.
 
 Fusion is linear: a pair's score is its best-field cosine plus ``index.lexical_weight`` times its lexical score in
-[0, 1). Unlike reciprocal-rank fusion it keeps a scale that means the same for every query, so one threshold on the
-best score (``confident``) separates questions the store answers from the rest. The base-model re-rank
-(kvdb.rerank) is opt-in (``index.rerank``): it costs a forward pass of the base model per query.
+[0, 1). Unlike reciprocal-rank fusion it keeps a scale that means the same for every query. ``confident`` (the store
+answers this query) is a calibrated probability from the candidates' scores (kvdb.confidence) reaching an operating
+point, unless a score threshold is configured (``Retriever.confidence_rule``). The base-model re-rank (kvdb.rerank)
+is opt-in (``index.rerank``): it costs a forward pass of the base model per query.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import select
 
+from kvdb.confidence import Calibrator, features, shipped
 from kvdb.config import Config, Home
 from kvdb.embed import load_embedder
 from kvdb.identity import EmbedderRef, resolve_embedder
@@ -61,6 +63,7 @@ class QueryResult:
     query: str
     confident: bool
     matches: list[Match]
+    confidence: float | None = None  # calibrated probability that the store answers the query (kvdb.confidence)
 
     def as_dict(self) -> dict[str, Any]:
         return {"query": self.query, "confident": self.confident, "matches": [m.as_dict() for m in self.matches]}
@@ -116,6 +119,7 @@ class Retriever:
         self._index_revision: int | None = None
         self.rebuilt = False
         self.notices: list[str] = []
+        self._warned_calibration = False
 
     @property
     def index_dir(self):
@@ -183,8 +187,8 @@ class Retriever:
     # -- search ---------------------------------------------------------------------------------------------------
     def search(self, queries: list[str], k: int | None = None, domain: str | None = None,
                min_score: float | None = None) -> list[QueryResult]:
-        """The ``k`` best pairs per query by fused score; ``confident`` when the best reaches ``min_score`` (default:
-        the configured threshold of the path taken)."""
+        """The ``k`` best pairs per query by fused score, and whether the store answers each query (``confident``:
+        see ``confidence_rule``; ``min_score`` moves its operating point)."""
         k = k or self.config.index.top_k
         if k < 1 or k > 1000:
             raise ValidationError(f"--top-k must be between 1 and 1000, got {k}")
@@ -200,19 +204,45 @@ class Retriever:
             allowed = ids[np.isin(ids // SLOTS, self._domain_pair_ids(domain))]
         vectors = self.embedder().embed(queries)
         depth = max(k, self.config.index.rerank_candidates) if self.rerank else k
-        fused = self._fused(index, queries, vectors, max(depth, self.config.index.fusion_candidates), allowed, domain)
+        found = self.candidates(index, queries, vectors, max(depth, self.config.index.fusion_candidates), allowed,
+                                domain)
+        fused = [self.fuse(cos, lex, depth) for cos, lex in found]
         rows = self._pairs({pid for r in fused for pid, _ in r})
-        if min_score is None:
-            min_score = self.config.index.confident_threshold if self.rerank else \
-                self.config.index.confident_threshold_no_rerank
+        calibrated, threshold = self.confidence_rule(min_score)
         results = []
-        for query, top in zip(queries, fused):
-            matches = [replace(rows[pid], score=float(score)) for pid, score in top[:depth] if pid in rows]
+        for query, top, (cos, lex) in zip(queries, fused, found):
+            matches = [replace(rows[pid], score=float(score)) for pid, score in top if pid in rows]
             if self.rerank and len(matches) > 0:
                 matches = self._rerank(query, matches)
             matches = matches[:k]
-            results.append(QueryResult(query, bool(matches) and matches[0].score >= min_score, matches))
+            if calibrated is not None:
+                p = float(calibrated.probability(features(cos, lex, self.config.index.lexical_weight)))
+                results.append(QueryResult(query, bool(matches) and p >= threshold, matches, p))
+            else:
+                results.append(QueryResult(query, bool(matches) and matches[0].score >= threshold, matches))
         return results
+
+    def confidence_rule(self, min_score: float | None) -> tuple[Calibrator | None, float]:
+        """(calibrator, threshold): ``confident`` is calibrated probability >= threshold when a calibrator is
+        returned, best score >= threshold otherwise.
+
+        Without the re-rank and with ``index.confident_threshold_no_rerank`` unset (the default) the probability of
+        kvdb.confidence decides, at ``min_score`` or ``index.min_confidence`` or the shipped operating point. A
+        configured score threshold, and the re-rank path (whose scores the calibrator has not seen), keep the rule
+        "the best score reaches the threshold", ``min_score`` replacing the configured one."""
+        cfg = self.config.index
+        if self.rerank:
+            return None, cfg.confident_threshold if min_score is None else min_score
+        if cfg.confident_threshold_no_rerank is not None:
+            return None, cfg.confident_threshold_no_rerank if min_score is None else min_score
+        calibrator = shipped()
+        if calibrator.embedder != self.ref.name and not self._warned_calibration:
+            self._warned_calibration = True
+            self.notices.append(f"confident is calibrated for the embedder {calibrator.embedder}, not {self.ref.name}; "
+                                "set index.confident_threshold_no_rerank or refit with benchmarks/fit_confidence.py")
+        if min_score is not None:
+            return calibrator, min_score
+        return calibrator, calibrator.threshold if cfg.min_confidence is None else cfg.min_confidence
 
     def dense(self, index: VectorIndex, vectors: np.ndarray, depth: int,
               allowed: np.ndarray | None) -> list[dict[int, float]]:
@@ -231,23 +261,29 @@ class Retriever:
             did = domain_id(session, domain) if domain is not None else None
             return [dict(lexical.search(session, q, depth, did)) for q in queries]
 
-    def _fused(self, index: VectorIndex, queries: list[str], vectors: np.ndarray, depth: int,
-               allowed: np.ndarray | None, domain: str | None) -> list[list[tuple[int, float]]]:
-        """Per query, (pair id, cosine + lexical_weight * lexical score) best first, over the union of both lists.
+    def candidates(self, index: VectorIndex, queries: list[str], vectors: np.ndarray, depth: int,
+                   allowed: np.ndarray | None, domain: str | None) -> list[tuple[dict[int, float], dict[int, float]]]:
+        """Per query, (pair id -> best-field cosine, pair id -> lexical score) over the union of the ``depth`` best
+        of each list.
 
         A pair found only lexically gets its exact cosine from the index, so every candidate is scored the same way
-        and the fused score stays comparable across queries (which is what the confident threshold needs)."""
-        weight = self.config.index.lexical_weight
+        and the fused score stays comparable across queries (which is what the confidence needs)."""
         dense = self.dense(index, vectors, depth, allowed)
-        lexical = self.lexical(queries, depth, domain) if weight > 0 else [{} for _ in queries]
+        use_lexical = self.config.index.lexical_weight > 0
+        lexical = self.lexical(queries, depth, domain) if use_lexical else [{} for _ in queries]
         out = []
         for i, (cos, lex) in enumerate(zip(dense, lexical)):
             missing = [pid for pid in lex if pid not in cos]
             if missing:
                 cos = {**cos, **self._cosines(index, vectors[i : i + 1], missing)}
-            scores = {pid: c + weight * lex.get(pid, 0.0) for pid, c in cos.items()}
-            out.append(sorted(scores.items(), key=lambda kv: -kv[1])[:depth])
+            out.append((cos, lex))
         return out
+
+    def fuse(self, cos: dict[int, float], lex: dict[int, float], depth: int) -> list[tuple[int, float]]:
+        """(pair id, cosine + lexical_weight * lexical score), best first."""
+        weight = self.config.index.lexical_weight
+        scores = {pid: c + weight * lex.get(pid, 0.0) for pid, c in cos.items()}
+        return sorted(scores.items(), key=lambda kv: -kv[1])[:depth]
 
     def _cosines(self, index: VectorIndex, vector: np.ndarray, pids: list[int]) -> dict[int, float]:
         """The exact best-field cosine of each of ``pids`` that has an embedding (an exact scan of their fields)."""

@@ -213,3 +213,27 @@ def test_lexical_search_on_postgres(pg_kv: Kvdb, pg_url, tmp_path):
             assert lexical.search(session, "divisible primes", 5) == []
     finally:
         store.dispose()
+
+
+def test_words_in_many_pairs_leave_a_query_that_has_rarer_ones(kv: Kvdb, tmp_path, monkeypatch):
+    common = [{"domain": "cs", "question": f"How do computers store item {i}?", "answer": f"In memory cell {i}."}
+              for i in range(4)]
+    kv("add", "--file", str(write_jsonl(tmp_path / "p.jsonl", [TREE, PRIME, *common])))
+    store = Store(f"sqlite:///{kv.home / 'kvdb.sqlite'}")
+    monkeypatch.setattr(lexical, "COMMON_PAIRS", 2)
+    with store.read() as session:
+        assert lexical.selective(session, ["storing", "computers", "bifurcating", "divisible"]) == \
+            ["bifurcating", "divisible"]
+    with store.read() as session:  # again in a fresh transaction (the query tables went with the last one)
+        # "computers" and "storing" (stems of words in 4 pairs) go; two rarest words stay whatever their counts
+        assert lexical.selective(session, ["storing", "computers", "bifurcating", "divisible"]) == \
+            ["bifurcating", "divisible"]
+        # all three in 4 pairs: the first two stay (equal counts keep the query's order)
+        assert lexical.selective(session, ["memory", "storing", "computers"]) == ["memory", "storing"]
+        assert lexical.selective(session, ["computers", "stored"]) == ["computers", "stored"]
+        ids = dict(session.execute(text("select question, id from pairs")).all())
+        found = [p for p, _ in lexical.search(session, "storing computers with bifurcating hierarchy", 5)]
+        assert found == [ids[TREE["question"]]]
+        monkeypatch.setattr(lexical, "COMMON_PAIRS", 100)  # more than the store's pairs: every word stays
+        assert lexical.selective(session, ["storing", "computers", "memory"]) == ["storing", "computers", "memory"]
+        assert len(lexical.search(session, "storing computers with bifurcating hierarchy", 5)) == 5

@@ -24,6 +24,7 @@ from sqlalchemy import create_engine, event, exc, select, update
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from kvdb import lexical
 from kvdb.errors import SchemaError, StoreError
 from kvdb.store.models import StoreState
 
@@ -56,6 +57,7 @@ def _sqlite_engine(url: str, busy_timeout_ms: int) -> Engine:
         except sqlite3.OperationalError:
             pass  # a read-only home cannot switch modes; reads still work
         cur.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: durable at checkpoints, never corrupt
+        lexical.prepare_connection(cur)  # temp tables of the full-text search, for this connection's life
         cur.close()
 
     @event.listens_for(engine, "begin")
