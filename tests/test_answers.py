@@ -100,8 +100,11 @@ def test_cache_carries_the_recorded_answers(kvt: Kvdb, tmp_path, lm):
     out = kd.json("query", "--cache", str(cache), "--generate", "--no-draft", "-n", "12", q)
     from_store = kvt.json("query", "--generate", "--no-draft", "-n", "12", q)
     assert out["output_ids"] == from_store["output_ids"] == _greedy(lm, out["prompt_ids"], 12)
-    for stats in (out["stats"], from_store["stats"]):  # the first token from prefill, 10 drafted in one pass, +1
-        assert stats["verify_steps"] == 1 and stats["sources"]["exact"]["accepted"] == 10, stats
+    for stats in (out["stats"], from_store["stats"]):
+        # The first token from prefill, the rest drafted from the recording in one pass (two where this machine's
+        # measured pass costs make a shorter pass cheaper), every drafted token accepted.
+        exact = stats["sources"]["exact"]
+        assert stats["verify_steps"] <= 2 and exact["drafted"] == exact["accepted"] >= 9, stats
 
     other = Kvdb(tmp_path / "imported", kvt.config)
     assert other.json("import", str(cache))["base_answers"] == len(entries)
