@@ -343,8 +343,9 @@ class KnowledgeBase:
     # -- retrieval and answers -------------------------------------------------------------------------------------
     def query(self, question: str, top_k: int | None = None, domain: str | None = None,
               min_score: float | None = None) -> SearchResult:
-        """The pairs that best answer ``question`` (`kvdb query --json`); ``confident`` when the best scores at least
-        ``min_score`` [config index.confident_threshold_no_rerank, or confident_threshold with the re-rank]."""
+        """The pairs that best answer ``question`` (`kvdb query --json`); ``confident`` when the calibrated
+        probability that the store answers it reaches ``min_score`` [config index.min_confidence] (a best-score
+        threshold instead where index.confident_threshold_no_rerank is set, or confident_threshold with the re-rank)."""
         return self.query_many([question], top_k, domain, min_score)[0]
 
     def query_many(self, questions: list[str], top_k: int | None = None, domain: str | None = None,
