@@ -28,19 +28,25 @@ FEATURES = ("cosine", "lexical", "fused_margin", "dense_margin", "agree", "lexic
 CALIBRATION_FILE = "data/confidence.json"
 
 
+def fused_ranking(cos: dict[int, float], lex: dict[int, float], weight: float) -> list[tuple[int, float]]:
+    """(pair id, cosine + ``weight`` * lexical score), best first: the fusion retrieval ranks candidates by."""
+    scores = {pid: c + weight * lex.get(pid, 0.0) for pid, c in cos.items()}
+    return sorted(scores.items(), key=lambda kv: -kv[1])
+
+
 def features(cos: dict[int, float], lex: dict[int, float], weight: float) -> np.ndarray:
     """The calibrator's inputs for one query from its candidates: ``cos`` (pair -> best-field cosine, every
     candidate) and ``lex`` (pair -> lexical score in [0, 1), those the full-text search found)."""
     out = np.zeros(len(FEATURES), dtype=np.float64)
     if not cos:
         return out
-    fused = sorted(((c + weight * lex.get(p, 0.0), p) for p, c in cos.items()), reverse=True)
-    top = fused[0][1]
+    fused = fused_ranking(cos, lex, weight)
+    top = fused[0][0]
     dense = sorted(cos.values(), reverse=True)
     others = [c for p, c in cos.items() if p != top]
     out[0] = cos[top]
     out[1] = lex.get(top, 0.0)
-    out[2] = fused[0][0] - (fused[1][0] if len(fused) > 1 else 0.0)
+    out[2] = fused[0][1] - (fused[1][1] if len(fused) > 1 else 0.0)
     out[3] = cos[top] - (max(others) if others else 0.0)
     out[4] = float(bool(lex) and max(lex, key=lex.get) == top and dense[0] == cos[top])
     best_lex = sorted(lex.values(), reverse=True)[:2] + [0.0, 0.0]

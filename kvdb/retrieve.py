@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import select
 
-from kvdb.confidence import Calibrator, features, shipped
+from kvdb.confidence import Calibrator, features, fused_ranking, shipped
 from kvdb.config import Config, Home
 from kvdb.embed import load_embedder
 from kvdb.identity import EmbedderRef, resolve_embedder
@@ -280,10 +280,8 @@ class Retriever:
         return out
 
     def fuse(self, cos: dict[int, float], lex: dict[int, float], depth: int) -> list[tuple[int, float]]:
-        """(pair id, cosine + lexical_weight * lexical score), best first."""
-        weight = self.config.index.lexical_weight
-        scores = {pid: c + weight * lex.get(pid, 0.0) for pid, c in cos.items()}
-        return sorted(scores.items(), key=lambda kv: -kv[1])[:depth]
+        """The ``depth`` best (pair id, cosine + lexical_weight * lexical score), best first."""
+        return fused_ranking(cos, lex, self.config.index.lexical_weight)[:depth]
 
     def _cosines(self, index: VectorIndex, vector: np.ndarray, pids: list[int]) -> dict[int, float]:
         """The exact best-field cosine of each of ``pids`` that has an embedding (an exact scan of their fields)."""
