@@ -52,12 +52,12 @@ class CacheRetriever(Retriever):
     def rebuild(self, revision: int | None = None) -> VectorIndex:
         return self._index
 
-    def _pairs(self, pids: set[int]) -> dict[int, Match]:
+    def _pairs(self, pids: set[int], session=None) -> dict[int, Match]:
         qa = self.cache["qa_pairs"]
         return {pid: Match(qa[pid]["hash"], qa[pid]["domain"], qa[pid]["question"], qa[pid]["answer"], 0.0,
                            qa[pid].get("metadata") or {}, pid) for pid in pids if 0 <= pid < len(qa)}
 
-    def _domain_pair_ids(self, domain: str) -> np.ndarray:
+    def _domain_pair_ids(self, session, domain: str) -> np.ndarray:
         pids = [i for i, qa in enumerate(self.cache["qa_pairs"]) if qa["domain"] == domain]
         if not pids:
             raise NotFoundError(f"the cache has no pairs in domain {domain!r}")

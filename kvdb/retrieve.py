@@ -19,11 +19,14 @@ is opt-in (``index.rerank``): it costs a forward pass of the base model per quer
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from kvdb.confidence import Calibrator, features, fused_ranking, shipped
 from kvdb.config import Config, Home
@@ -33,7 +36,7 @@ from kvdb.errors import IndexCorruptError, NotBuiltError, ValidationError
 from kvdb.index import IndexSpec, VectorIndex
 from kvdb.store.blobs import unpack
 from kvdb.store.db import Store
-from kvdb.store.models import Embedding, Pair
+from kvdb.store.models import Domain, Embedding, Pair
 from kvdb.store.pairs import domain_id
 from kvdb.uptodate import index_dir
 
@@ -143,7 +146,19 @@ class Retriever:
     # -- index lifecycle ------------------------------------------------------------------------------------------
     def index(self) -> VectorIndex:
         with self.store.read() as session:
-            revision = self.store.revision(session)
+            return self._index_at(self.store.revision(session))
+
+    @contextmanager
+    def _snapshot(self) -> Iterator[Session | None]:
+        """One read transaction of the store for a search; None where there is no store (a cache file)."""
+        if self.store is None:
+            yield None
+            return
+        with self.store.read() as session:
+            yield session
+
+    def _index_at(self, revision: int) -> VectorIndex:
+        """The index for the store at ``revision``: the one in memory, the saved one, or one rebuilt."""
         if self._index is not None and self._index_revision == revision:
             return self._index
         index = None
@@ -195,19 +210,22 @@ class Retriever:
         for q in queries:
             if not isinstance(q, str) or not q.strip():
                 raise ValidationError("the query is empty")
-        index = self.index()
-        if len(index) == 0:
-            raise NotBuiltError("no pair has an embedding yet; run `kvdb build` first")
-        allowed = None
-        if domain is not None:
-            ids = index.ids()
-            allowed = ids[np.isin(ids // SLOTS, self._domain_pair_ids(domain))]
-        vectors = self.embedder().embed(queries)
         depth = max(k, self.config.index.rerank_candidates) if self.rerank else k
-        found = self.candidates(index, queries, vectors, max(depth, self.config.index.fusion_candidates), allowed,
-                                domain)
-        fused = [self.fuse(cos, lex, depth) for cos, lex in found]
-        rows = self._pairs({pid for r in fused for pid, _ in r})
+        # One read transaction for the revision check, the full-text search and the matched rows: each transaction
+        # costs about a millisecond of the few a query takes, and they see one state of the store.
+        with self._snapshot() as session:
+            index = self.index() if session is None else self._index_at(self.store.revision(session))
+            if len(index) == 0:
+                raise NotBuiltError("no pair has an embedding yet; run `kvdb build` first")
+            allowed = None
+            if domain is not None:
+                ids = index.ids()
+                allowed = ids[np.isin(ids // SLOTS, self._domain_pair_ids(session, domain))]
+            vectors = self.embedder().embed(queries)
+            found = self.candidates(index, queries, vectors, max(depth, self.config.index.fusion_candidates),
+                                    allowed, domain, session)
+            fused = [self.fuse(cos, lex, depth) for cos, lex in found]
+            rows = self._pairs({pid for r in fused for pid, _ in r}, session)
         calibrated, threshold = self.confidence_rule(min_score)
         results = []
         for query, top, (cos, lex) in zip(queries, fused, found):
@@ -250,19 +268,24 @@ class Retriever:
         hits = index.search(vectors, depth * 8 + 16, allowed_ids=allowed)
         return [dict(best_per_pair(h, depth)) for h in hits]
 
-    def lexical(self, queries: list[str], depth: int, domain: str | None) -> list[dict[int, float]]:
+    def lexical(self, queries: list[str], depth: int, domain: str | None,
+                session: Session | None = None) -> list[dict[int, float]]:
         """Per query, the ``depth`` best pairs by lexical score in [0, 1); empty where there is no store to search
-        (a cache file) or lexical search is off."""
+        (a cache file) or lexical search is off. Reads in ``session`` if given, else in a read transaction of its
+        own."""
         if self.store is None or not self.config.index.lexical:
             return [{} for _ in queries]
         from kvdb import lexical
 
-        with self.store.read() as session:
-            did = domain_id(session, domain) if domain is not None else None
-            return [dict(lexical.search(session, q, depth, did)) for q in queries]
+        if session is None:
+            with self.store.read() as own:
+                return self.lexical(queries, depth, domain, own)
+        did = domain_id(session, domain) if domain is not None else None
+        return [dict(lexical.search(session, q, depth, did)) for q in queries]
 
     def candidates(self, index: VectorIndex, queries: list[str], vectors: np.ndarray, depth: int,
-                   allowed: np.ndarray | None, domain: str | None) -> list[tuple[dict[int, float], dict[int, float]]]:
+                   allowed: np.ndarray | None, domain: str | None,
+                   session: Session | None = None) -> list[tuple[dict[int, float], dict[int, float]]]:
         """Per query, (pair id -> best-field cosine, pair id -> lexical score) over the union of the ``depth`` best
         of each list.
 
@@ -270,7 +293,7 @@ class Retriever:
         and the fused score stays comparable across queries (which is what the confidence needs)."""
         dense = self.dense(index, vectors, depth, allowed)
         use_lexical = self.config.index.lexical_weight > 0
-        lexical = self.lexical(queries, depth, domain) if use_lexical else [{} for _ in queries]
+        lexical = self.lexical(queries, depth, domain, session) if use_lexical else [{} for _ in queries]
         out = []
         for i, (cos, lex) in enumerate(zip(dense, lexical)):
             missing = [pid for pid in lex if pid not in cos]
@@ -299,18 +322,21 @@ class Retriever:
             m.score = m.score + weight * float(c - null)
         return sorted(matches, key=lambda m: -m.score)
 
-    def _pairs(self, pids: set[int]) -> dict[int, Match]:
-        """The pairs behind index ids (score 0: the caller sets it)."""
+    def _pairs(self, pids: set[int], session: Session | None = None) -> dict[int, Match]:
+        """The pairs behind index ids (score 0: the caller sets it), read in ``session`` or a transaction of their
+        own. Plain rows with the domain joined: no ORM objects to build on the query path."""
         if not pids:
             return {}
-        with self.store.read() as session:
-            return {p.id: Match(p.hash, p.domain.name, p.question, p.answer, 0.0, p.meta or {}, p.id)
-                    for p in session.scalars(select(Pair).where(Pair.id.in_(sorted(pids))))}
+        if session is None:
+            with self.store.read() as own:
+                return self._pairs(pids, own)
+        rows = session.execute(select(Pair.id, Pair.hash, Domain.name, Pair.question, Pair.answer, Pair.meta)
+                               .join(Domain, Domain.id == Pair.domain_id).where(Pair.id.in_(sorted(pids))))
+        return {pid: Match(h, dom, q, a, 0.0, meta or {}, pid) for pid, h, dom, q, a, meta in rows}
 
-    def _domain_pair_ids(self, domain: str) -> np.ndarray:
-        with self.store.read() as session:
-            did = domain_id(session, domain)
-            return np.fromiter(session.scalars(select(Pair.id).where(Pair.domain_id == did)), dtype=np.int64)
+    def _domain_pair_ids(self, session: Session, domain: str) -> np.ndarray:
+        did = domain_id(session, domain)
+        return np.fromiter(session.scalars(select(Pair.id).where(Pair.domain_id == did)), dtype=np.int64)
 
     def flush_notices(self) -> None:
         for notice in self.notices:

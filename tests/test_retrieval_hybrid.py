@@ -139,7 +139,7 @@ def test_fusion_ranks_a_match_only_lexical_search_found(kvb: Kvdb, tiny_config, 
     # scored by its exact cosine, as if the embedder had found it: the same fused score either way
     assert found[0].score == pytest.approx(target[0].score, abs=1e-5)
 
-    monkeypatch.setattr(retriever, "lexical", lambda queries, depth, domain: [{} for _ in queries])
+    monkeypatch.setattr(retriever, "lexical", lambda queries, depth, domain, session=None: [{} for _ in queries])
     (dense_only,) = retriever.search([query], 5)
     assert target_id not in [m.pair_id for m in dense_only.matches]
 
