@@ -4,6 +4,7 @@ the embedder's name. A tiny random model stands in for the real one, installed a
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import importlib.metadata
@@ -21,6 +22,8 @@ from kvdb.config import EmbedderConfig, Home
 from kvdb.embed import load_embedder
 from kvdb.errors import ModelError
 from kvdb.identity import SPLIT_EMBEDDERS, SplitEmbedder, resolve_embedder
+from kvdb.retrieve import Retriever
+from kvdb.runtime import Runtime
 from tests.tiny import make_model
 
 NAME = "tiny-embedder"
@@ -145,3 +148,19 @@ def test_a_part_missing_from_its_wheel_asks_for_a_reinstall(installed, tmp_path)
     (site / "tiny_embedder_part_002" / "input" / f"{NAME}.zip.002").unlink()
     with pytest.raises(ModelError, match="--force-reinstall tiny-embedder-part-002"):
         resolve_embedder(EmbedderConfig(source=installed), Home.resolve(tmp_path / "home"))
+
+
+@pytest.mark.parametrize("name, calibrated_for, notice", [("all-mpnet-base-v2", "all-mpnet-base-v2", False),
+                                                         ("some-embedder", "all-MiniLM-L6-v2", True)])
+def test_the_retriever_reads_its_embedders_calibration(tmp_path, tiny_zip, name, calibrated_for, notice):
+    with zipfile.ZipFile(io.BytesIO(tiny_zip[0])) as zf:
+        for info in zf.infolist():
+            if info.filename.startswith(f"{NAME}/") and info.filename.endswith((".json", ".safetensors")):
+                (tmp_path / name).mkdir(exist_ok=True)
+                (tmp_path / name / Path(info.filename).name).write_bytes(zf.read(info))
+    rt = Runtime.open(tmp_path / "home")
+    config = dataclasses.replace(rt.config, embedder=EmbedderConfig(source=str(tmp_path / name)))
+    retriever = Retriever(config, rt.home, rt.store, rerank=False)
+    calibrator, threshold = retriever.confidence_rule(None)
+    assert calibrator.embedder == calibrated_for and threshold == shipped(calibrated_for).threshold
+    assert bool(retriever.notices) == notice
