@@ -8,7 +8,8 @@ common with its pair scores like an off-topic question that happens to share wor
 the agreement of the two searches tell those apart. The weights are fitted on held-out questions by
 benchmarks/fit_confidence.py and shipped in kvdb/data/confidence.json with the operating point (the probability at
 which ``confident`` turns true); they belong to the embedder they were fitted with (all-MiniLM-L6-v2) and to the
-lexical weight of the fusion.
+lexical weight of the fusion. Another embedder's cosines spread differently, so an embedder kvdb ships (e.g.
+all-mpnet-base-v2) has its own fit in kvdb/data/confidence-<embedder name>.json.
 """
 
 from __future__ import annotations
@@ -25,7 +26,12 @@ from kvdb.errors import ConfigError
 log = logging.getLogger(__name__)
 
 FEATURES = ("cosine", "lexical", "fused_margin", "dense_margin", "agree", "lexical_best", "lexical_margin")
-CALIBRATION_FILE = "data/confidence.json"
+CALIBRATION_FILE = "data/confidence.json"  # the default embedder's (all-MiniLM-L6-v2)
+
+
+def calibration_file(embedder: str) -> str:
+    """Where kvdb ships the calibration fitted with ``embedder`` (its display name), if it ships one."""
+    return f"data/confidence-{embedder}.json"
 
 
 def fused_ranking(cos: dict[int, float], lex: dict[int, float], weight: float) -> list[tuple[int, float]]:
@@ -117,13 +123,20 @@ def fit(x: np.ndarray, y: np.ndarray, l2: float = 1e-2, steps: int = 50) -> tupl
     return w[:-1], float(w[-1])
 
 
-_SHIPPED: Calibrator | None = None
+_SHIPPED: dict[str | None, Calibrator] = {}
 
 
-def shipped() -> Calibrator:
-    """The calibration shipped with kvdb (kvdb/data/confidence.json), read once."""
-    global _SHIPPED
-    if _SHIPPED is None:
-        text = resources.files("kvdb").joinpath(CALIBRATION_FILE).read_text(encoding="utf-8")
-        _SHIPPED = Calibrator.from_dict(json.loads(text))
-    return _SHIPPED
+def shipped(embedder: str | None = None) -> Calibrator:
+    """The calibration shipped for ``embedder`` (kvdb/data/confidence-<name>.json), else the default embedder's
+    (kvdb/data/confidence.json: its ``embedder`` then differs from the one asked for, which callers tell the user
+    about), read once per name."""
+    if embedder not in _SHIPPED:
+        files = resources.files("kvdb")
+        own = files.joinpath(calibration_file(embedder)) if embedder else None
+        path = own if own is not None and own.is_file() else files.joinpath(CALIBRATION_FILE)
+        calibrator = Calibrator.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        if embedder and calibrator.embedder != embedder:
+            log.info("no confidence calibration shipped for the embedder %s; using %s's", embedder,
+                     calibrator.embedder)
+        _SHIPPED[embedder] = calibrator
+    return _SHIPPED[embedder]

