@@ -17,6 +17,8 @@ def test_shipped_configs_load_with_seed_defaults():
     qwen = load_config(CONFIG_DIR / "qwen3_0.6b.yaml")
     assert qwen.model.source == "Qwen/Qwen3-0.6B"
     assert qwen.model.chat_template_kwargs == {"enable_thinking": False}
+    mpnet = load_config(CONFIG_DIR / "mpnet.yaml")  # the opt-in embedder; all else the default
+    assert mpnet.embedder.source == "embedded:mpnet" and mpnet.model == cfg.model and mpnet.index == cfg.index
 
 
 def test_shipped_configs_live_in_the_package_and_are_the_default():
