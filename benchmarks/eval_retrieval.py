@@ -1,7 +1,8 @@
 """Retrieval quality and speed on every FAQ set of benchmarks/retrieval_sets.py: dense alone, lexical alone, fused,
-fused with the calibrated confidence, and (``--rerank``, default set only) fused + base-model re-rank.
+fused with the calibrated confidence, and (``--rerank``, on the sets of ``--rerank-sets``) fused + base-model re-rank.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/eval_retrieval.py [--rerank] [--json] [--out FILE] [--png FILE]
+    PYTHONPATH=. .venv/bin/python benchmarks/eval_retrieval.py [--rerank [--rerank-sets default,stackfaq]] [--json]
+        [--out FILE] [--png FILE]
 
 Per set and method: recall@1/@5 on all answerable queries and on hard paraphrases (no content word shared with the
 stored question), and how many answerable and unanswerable queries are called confident. Every confident figure is
@@ -12,9 +13,10 @@ on the sets of other sources alone. The threshold lets at most 2.5% of each trai
 through, aiming at the 5% goal on unseen data. ``threshold (all)`` is the fit on every set: what the config or
 kvdb/data/confidence.json holds. Latency is per query in process, one query at a time, models loaded, index warm.
 
-The PNG plots, for the default set, answerable kept against unanswerable rejected as the threshold moves (held-out
-scores), for the shipped calibration (the best pair's cosine), a calibration on every feature of kvdb/confidence.py
-and the raw fused score, each with its held-out operating point marked.
+The PNG plots, for every set with answerable and unanswerable questions, answerable kept against unanswerable
+rejected as the threshold moves (held-out scores), for the shipped calibration (the best pair's cosine), a
+calibration on every feature of kvdb/confidence.py and the raw fused score, each with its held-out operating point
+marked.
 """
 
 from __future__ import annotations
@@ -119,31 +121,35 @@ def curve(rows: list[Row], s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def plot(by_set: dict[str, list[Row]], w: float, embedder: str, path: Path) -> None:
+    """One panel per set with both answerable and unanswerable questions: answerable kept against unanswerable
+    rejected as the threshold moves (held-out scores), each rule's held-out operating point marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 5))
-    for method, label in (("calibrated", "calibrated (cosine, shipped)"), ("calibrated (all features)",
-                          "calibrated (all features)"), ("fused", "raw fused score")):
-        rows, s, t = held_out(by_set, "default", method, w, embedder)
-        x, y = curve(rows, s)
-        line, = ax.plot(x, y, label=f"{label} (held out)")
-        ans = np.array([r.answerable for r in rows])
-        conf = s >= t
-        ax.plot([1 - conf[~ans].mean()], [conf[ans].mean()], "o", color=line.get_color(),
-                label=f"{label}: operating point")
-    ax.axvline(0.95, color="grey", ls=":", label="5% unanswerable let through")
-    ax.axhline(0.80, color="grey", ls="--", label="goal: 80% answerable kept")
-    ax.set_xlabel("unanswerable questions rejected (not confident)")
-    ax.set_ylabel("answerable paraphrases kept (confident)")
-    ax.set_title("kvdb confident, default set (2 folds, fitted with the other sets)")
-    ax.set_xlim(0, 1.01)
-    ax.set_ylim(0, 1.01)
-    ax.legend(loc="lower left", fontsize=8)
+    names = [n for n, rows in by_set.items() if any(r.answerable for r in rows) and not all(r.answerable for r in rows)]
+    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 5), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for method, label in (("calibrated", "calibrated (cosine, shipped)"), ("calibrated (all features)",
+                              "calibrated (all features)"), ("fused", "raw fused score")):
+            rows, s, t = held_out(by_set, name, method, w, embedder)
+            x, y = curve(rows, s)
+            line, = ax.plot(x, y, label=f"{label} (held out)")
+            ans = np.array([r.answerable for r in rows])
+            conf = s >= t
+            ax.plot([1 - conf[~ans].mean()], [conf[ans].mean()], "o", color=line.get_color(),
+                    label=f"{label}: operating point")
+        ax.axvline(0.95, color="grey", ls=":", label="5% unanswerable let through")
+        ax.axhline(0.80, color="grey", ls="--", label="goal: 80% answerable kept")
+        ax.set_xlabel("unanswerable questions rejected (not confident)")
+        ax.set_ylabel("answerable questions kept (confident)")
+        ax.set_title(f"kvdb confident, {name} (held out)")
+        ax.set_xlim(0, 1.01)
+        ax.set_ylim(0, 1.01)
+        ax.legend(loc="lower left", fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
 
 
 def latencies(rt: Runtime, faq: FaqSet, lm, n_rerank: int) -> dict[str, float]:
@@ -186,25 +192,28 @@ def reranker_for(rt: Runtime):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rerank", action="store_true", help="also measure fused + base-model re-rank (slow)")
+    ap.add_argument("--rerank-sets", default="default",
+                    help="comma-separated sets to re-rank (about a second a query on 2 cores)")
     ap.add_argument("--rerank-latency-queries", type=int, default=20)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     ap.add_argument("--png", default=None, help="write the confident curve here")
     args = ap.parse_args()
+    rerank_sets = set(args.rerank_sets.split(","))
     by_set: dict[str, list[Row]] = {}
     timing, queries, pairs = {}, {}, {}
     for faq in all_sets():
         rt = prepare(faq)
         retriever = Retriever(rt.config, rt.home, rt.store, rerank=False)
         w, embedder = rt.config.index.lexical_weight, retriever.ref.name
-        lm, reranker = reranker_for(rt) if args.rerank and faq.name == "default" else (None, None)
+        lm, reranker = reranker_for(rt) if args.rerank and faq.name in rerank_sets else (None, None)
         by_set[faq.name] = collect(retriever, faq, reranker, RERANK_CANDIDATES)
         queries[faq.name], pairs[faq.name] = len(faq.queries), len(faq.pairs)
         if faq.name == "default":
             timing = latencies(rt, faq, lm, args.rerank_latency_queries)
     methods = METHODS + (("rerank",) if args.rerank else ())
     results = {name: {m: evaluate(by_set, name, m, w, embedder) for m in methods
-                      if m != "rerank" or name == "default"} for name in by_set}
+                      if m != "rerank" or name in rerank_sets} for name in by_set}
     doc = {"sets": {n: {"pairs": pairs[n], "queries": queries[n]} for n in by_set},
            "latency_ms": timing, "load_average": os.getloadavg(), "results": results}
     if args.png:
