@@ -80,3 +80,18 @@ def test_stackfaq_file_is_read_with_its_quirks(tmp_path, monkeypatch):
     # every other thread stored; the rest asked as unanswerable
     assert [p["question"] for p in half.pairs] == [threads[0]["question"], threads[2]["question"]]
     assert [q["query"] for q in half.queries if q["kind"] == "unanswerable"] == ["Remove my FB account"]
+
+
+def test_a_set_is_reported_at_a_lexical_weight_chosen_on_the_other_sets():
+    from eval_retrieval import chosen_weight
+
+    def paraphrase(set_: str, lexical_wins: bool) -> Row:
+        # the gold pair "q" is second by cosine; its lexical score lifts it first only at a weight of 0.5 or more
+        lex = {"q": 0.9, "other": 0.0} if lexical_wins else {"q": 0.0, "other": 0.9}
+        return Row(set_, "hard", "q", 0, {"q": 0.5, "other": 0.7}, lex)
+
+    by_set = {"default": [paraphrase("default", True)] * 4,  # lexical helps here...
+              "stackfaq": [paraphrase("stackfaq", False)] * 4}  # ...and misleads here
+    grid = [0.0, 0.5]
+    assert chosen_weight(by_set, "default", grid) == 0.0  # chosen on stackfaq, not on itself
+    assert chosen_weight(by_set, "stackfaq", grid) == 0.5  # chosen on default
