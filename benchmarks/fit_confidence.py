@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from kvdb.confidence import FEATURES, Calibrator, features, fit  # noqa: E402
+from kvdb.confidence import operating_point as unanswerable_point  # noqa: E402
 from kvdb.fileio import atomic_write_bytes  # noqa: E402
 from retrieval_sets import Row  # noqa: E402
 
@@ -52,13 +53,8 @@ def design(rows: list[Row], weight: float) -> tuple[np.ndarray, np.ndarray]:
 def operating_point(rows: list[Row], scores: np.ndarray) -> float:
     """The lowest score threshold at which each set of ``rows`` lets at most UNANSWERABLE_PASS of its unanswerable
     questions through."""
-    sets = {r.set for r in rows}
-    out = -np.inf
-    for name in sets:
-        una = np.array([s for r, s in zip(rows, scores) if r.set == name and not r.answerable])
-        if len(una):
-            out = max(out, float(np.quantile(una, 1 - UNANSWERABLE_PASS, method="higher")) + 1e-9)
-    return float(out)
+    return max((unanswerable_point([s for r, s in zip(rows, scores) if r.set == name and not r.answerable],
+                                   UNANSWERABLE_PASS) for name in {r.set for r in rows}), default=-np.inf)
 
 
 def train(rows: list[Row], weight: float, embedder: str, uses: tuple[str, ...] = SHIPPED) -> Calibrator:

@@ -33,6 +33,7 @@ from kvdb.store.pairs import AddReport, PairInput
 
 if TYPE_CHECKING:  # imported where used: retrieval and answering pull in torch, which pair commands never need
     from kvdb.answer import Answer, Answerer
+    from kvdb.calibrate import CalibrationReport, Labelled
     from kvdb.lm import LM
     from kvdb.retrieve import Match, QueryResult, Retriever
 
@@ -357,6 +358,24 @@ class KnowledgeBase:
             results = retriever.search(list(questions), top_k, _scope(domain), min_score)
         self.flush_notices()
         return [SearchResult(r) for r in results]
+
+    def calibrate(self, items: Iterable[dict[str, Any] | Labelled], target: float = 0.05,
+                  domain: str | None = None) -> CalibrationReport:
+        """The lowest ``index.min_confidence`` at which at most ``target`` of this store's unanswerable questions are
+        called confident, from labelled questions (`kvdb calibrate`): ``{"query", "question"}`` (or ``"hash"``) for a
+        question the store answers, ``{"query", "answerable": false}`` for one it does not (or kvdb.calibrate's
+        ``Labelled``). Nothing is changed: set the point in the config or pass it as ``min_score``."""
+        from kvdb.calibrate import Labelled, parse, report
+
+        items = list(items)
+        labelled = items if items and all(isinstance(item, Labelled) for item in items) else \
+            parse((f"question {i}", item) for i, item in enumerate(items, 1))
+        calibrator, current = self.retriever().confidence_rule(None)
+        if calibrator is None:
+            raise ValidationError("calibrating moves the calibrated confident, which this config replaces by a score "
+                                  "threshold (index.rerank or index.confident_threshold_no_rerank)")
+        results = [r.raw for r in self.query_many([item.query for item in labelled], 1, domain)]
+        return report(labelled, results, target, current)
 
     def answer(self, question: str, max_new_tokens: int | None = None, top_k: int | None = None,
                domain: str | None = None, on_text: Callable[[str], None] | None = None,

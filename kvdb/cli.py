@@ -512,6 +512,38 @@ def _vs_greedy(rt, answerer, result) -> dict[str, Any]:
 
 
 @cli.command()
+@click.argument("path", metavar="FILE")
+@click.option("--target", type=click.FloatRange(0, 1, max_open=True), default=0.05, show_default=True,
+              help="The most unanswerable questions that may be called confident, as a share.")
+@click.option("--domain", "-d", default=None, help="Search only this domain.")
+@json_option
+@click.pass_context
+def calibrate(ctx, path, target, domain, as_json) -> None:
+    """Choose index.min_confidence for this store from labelled questions (changes nothing).
+
+    FILE (or -) is JSONL: {"query": ..., "question": <the stored question it should find>} (or "hash": a pair hash
+    or its first 8+ characters) for a question the store answers, {"query": ..., "answerable": false} for one it
+    does not. Prints the lowest point that calls at most --target of the unanswerable ones confident, how many
+    answerable ones it keeps, and the same at the point in force."""
+    from kvdb.calibrate import parse
+    from kvdb.store.ingest import read_jsonl_objects
+
+    name, rows = read_jsonl_objects(path)
+    labelled = parse((f"{name}:{lineno}", obj) for lineno, obj in rows)
+    report = _kb(ctx).calibrate(labelled, target, _domain_arg(domain))
+    if as_json:
+        emit_json(report.to_dict())
+        return
+    click.echo(f"{report.answerable} answerable questions (their pair first for {report.recall_at_1:.1%}), "
+               f"{report.unanswerable} unanswerable")
+    for label, point in (("now", report.current), ("chosen", report.chosen)):
+        click.echo(f"{label:>6}: min_confidence {point.min_confidence:.4f}: {point.answerable_confident:.1%} of the "
+                   f"answerable confident (pair first), {point.unanswerable_confident:.1%} of the unanswerable")
+    click.echo(f"set index.min_confidence: {report.chosen.min_confidence:.4f} in the config, or pass "
+               f"--min-score {report.chosen.min_confidence:.4f} to kvdb query")
+
+
+@cli.command()
 @click.option("--domain", "-d", default="all", show_default=True,
               help="'all': the merged cache and one per domain; or just this domain's.")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None,

@@ -61,6 +61,17 @@ def features(cos: dict[int, float], lex: dict[int, float], weight: float) -> np.
     return out
 
 
+def operating_point(unanswerable: np.ndarray, rate: float) -> float:
+    """The lowest threshold (confident when a score reaches it) at which at most ``rate`` of the ``unanswerable``
+    questions' scores pass: just above the score of the one ranked ``floor(rate * n)`` (0-based, highest first), so
+    that exactly the ones above it pass; -inf when all of them may."""
+    scores = np.sort(np.asarray(unanswerable, dtype=np.float64))[::-1]
+    allowed = int(np.floor(rate * scores.size + 1e-9))
+    if allowed >= scores.size:
+        return -np.inf
+    return float(np.nextafter(scores[allowed], np.inf))
+
+
 def logistic(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))
 
