@@ -1,11 +1,10 @@
 """Choose ``confident``'s operating point for one store from questions its users ask (``kvdb calibrate``).
 
 The shipped operating point (kvdb/data/confidence.json) holds every FAQ set kvdb was measured on to 2.5% of its
-unanswerable questions called confident, so the hardest of them (near twins of stored questions) set it and it is
-cautious on the rest: on StackFAQ it calls 16% of the rephrasings confident where a lower point calls 82% at under
-5% (README, "Retrieval"). Given a store's own labelled questions, ``report`` finds the lowest
-``index.min_confidence`` that calls at most ``target`` of its unanswerable questions confident and says how many of
-its answerable ones that keeps, beside the same figures at the point in force.
+unanswerable questions called confident, so the hardest of them (near twins of stored questions) set it, and it is
+cautious on stores whose users rarely ask such twins (README, "Retrieval"). Given a store's own labelled questions,
+``report`` finds the lowest ``index.min_confidence`` that calls at most ``target`` of its unanswerable questions
+confident and says how many of its answerable ones that keeps, beside the same figures at the point in force.
 """
 
 from __future__ import annotations
