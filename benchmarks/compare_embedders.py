@@ -6,8 +6,8 @@ and fused with the store's lexical search, the held-out ``confident`` of each, a
 SOURCE is anything ``embedder.source`` takes: ``embedded:minilm`` (the default), ``embedded:mpnet``, a
 sentence-transformers folder. Each embedder gets its own stores (the sets' pairs embedded with it) and its own
 calibrator: the recall and confident figures are those of benchmarks/eval_retrieval.py (``evaluate``: held out by
-fold and by source, the threshold letting at most 2.5% of each training set's unanswerable questions through), so
-the lines of two embedders compare like for like. ``threshold (all)`` and ``calibration`` are the fit on every set:
+fold and by source, the threshold letting at most 2.5% of each training set's unanswerable questions through, the
+fusion weight chosen on the other sets), so the lines of two embedders compare like for like. ``threshold (all)`` and ``calibration`` are the fit on every set:
 what a shipped calibration file for that embedder would hold (benchmarks/fit_confidence.py writes it when
 ``KVDB_CONFIG`` names a config with that embedder).
 
@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from eval_retrieval import evaluate  # noqa: E402
+from eval_retrieval import LEXICAL_WEIGHTS, chosen_weight, evaluate  # noqa: E402
 from fit_confidence import train  # noqa: E402
 from retrieval_sets import Row, all_sets, collect, prepare  # noqa: E402
 
@@ -106,10 +106,11 @@ def measure(source: str) -> dict:
     info.update(name=name, load_average=os.getloadavg()[0], calibration=train(every, weight, name).as_dict())
     rows = []
     for set_name in by_set:
+        held_weight = chosen_weight(by_set, set_name, list(LEXICAL_WEIGHTS))  # as eval_retrieval reports it
         for method in METHODS:
-            r = evaluate(by_set, set_name, method, weight, name)
+            r = evaluate(by_set, set_name, method, held_weight, name)
             rows.append({"embedder": name, "set": set_name, "method": method, **{c: r[c] for c in COLUMNS},
-                         "threshold (all)": r["threshold (all)"]})
+                         "threshold (all)": r["threshold (all)"], "lexical_weight": held_weight})
     return {"embedder": info, "rows": rows}
 
 

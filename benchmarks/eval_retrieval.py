@@ -50,6 +50,7 @@ RERANK_WEIGHT = 0.5
 FAMILY = {"default": "default", "construction": "construction", "default-offtopic": "construction",
           "stackfaq": "stackfaq", "stackfaq-half": "stackfaq"}
 METHODS = ("dense", "lexical", "fused", "calibrated", "calibrated (all features)")
+LEXICAL_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.5)  # the fusion weights each set's is chosen from, on the other sets
 
 
 def ranked(row: Row, method: str, w: float) -> list[tuple[str, float]]:
@@ -208,7 +209,7 @@ def main() -> None:
     ap.add_argument("--rerank-sets", default="default",
                     help="comma-separated sets to re-rank (about a second a query on 2 cores)")
     ap.add_argument("--rerank-latency-queries", type=int, default=20)
-    ap.add_argument("--lexical-weights", default="0,0.1,0.2,0.3,0.5",
+    ap.add_argument("--lexical-weights", default=",".join(map(str, LEXICAL_WEIGHTS)),
                     help="the fusion weights each set's is chosen from, on the other sets")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--out", default=None, help="also write the JSON here")
