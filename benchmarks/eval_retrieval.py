@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from fit_confidence import SHIPPED, design, operating_point, train  # noqa: E402
 from retrieval_sets import FaqSet, Row, all_sets, collect, prepare  # noqa: E402
 
-from kvdb.confidence import FEATURES  # noqa: E402
+from kvdb.confidence import FEATURES, fused_ranking  # noqa: E402
 from kvdb.retrieve import Retriever  # noqa: E402
 from kvdb.runtime import Runtime  # noqa: E402
 
@@ -59,10 +59,10 @@ def ranked(row: Row, method: str, w: float) -> list[tuple[str, float]]:
     elif method == "lexical":
         scores = dict(row.lex)
     else:
-        scores = {q: c + w * row.lex.get(q, 0.0) for q, c in row.cos.items()}
-        if method == "rerank":
-            top = sorted(scores, key=lambda q: -scores[q])[:RERANK_CANDIDATES]
-            scores = {q: scores[q] + RERANK_WEIGHT * row.pmi.get(q, 0.0) for q in top}
+        fused = fused_ranking(row.cos, row.lex, w)
+        if method != "rerank":
+            return fused
+        scores = {q: s + RERANK_WEIGHT * row.pmi.get(q, 0.0) for q, s in fused[:RERANK_CANDIDATES]}
     return sorted(scores.items(), key=lambda kv: -kv[1])
 
 

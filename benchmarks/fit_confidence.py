@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from kvdb.confidence import FEATURES, Calibrator, features, fit  # noqa: E402
+from kvdb.confidence import FEATURES, Calibrator, features, fit, fused_ranking  # noqa: E402
 from kvdb.confidence import operating_point as unanswerable_point  # noqa: E402
 from kvdb.fileio import atomic_write_bytes  # noqa: E402
 from retrieval_sets import Row  # noqa: E402
@@ -39,8 +39,8 @@ SHIPPED = ("cosine",)
 
 
 def fused_top(row: Row, weight: float) -> str | None:
-    scores = {q: c + weight * row.lex.get(q, 0.0) for q, c in row.cos.items()}
-    return max(scores, key=scores.get) if scores else None
+    ranking = fused_ranking(row.cos, row.lex, weight)
+    return ranking[0][0] if ranking else None
 
 
 def design(rows: list[Row], weight: float) -> tuple[np.ndarray, np.ndarray]:
